@@ -1,0 +1,104 @@
+"""Jamba's Mamba mixer: in_proj, causal depthwise conv, x_proj, inner RMSNorms on dt/B/C, dt_proj,
+selective scan, out_proj. Parameter names match transformers' JambaMambaMixer.
+
+One code path serves training, prefill and decoding: the conv runs over ``[conv state, new inputs]``
+(zeros when there is no state) and the scan starts from the SSM state. A one-token step uses the
+recurrent update instead of a scan.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mom.model.bitlinear import make_linear
+from mom.model.cache import MambaState
+from mom.model.config import MoMConfig
+from mom.model.norm import RMSNorm
+from mom.model.scan import selective_scan, selective_state_update
+
+try:  # optional CUDA kernel (extra `gpu`)
+    from causal_conv1d import causal_conv1d_fn
+except ImportError:  # pragma: no cover - CPU installs
+    causal_conv1d_fn = None
+
+
+class MambaMixer(nn.Module):
+    def __init__(self, config: MoMConfig):
+        super().__init__()
+        kind = config.precision["mamba"]
+        d, d_inner, n, r = config.hidden_size, config.mamba_d_inner, config.mamba_d_state, config.mamba_dt_rank
+        self.d_inner, self.d_state, self.dt_rank, self.d_conv = d_inner, n, r, config.mamba_d_conv
+        self.scan_impl = config.scan_impl
+        self.in_proj = make_linear(d, 2 * d_inner, bias=config.mamba_proj_bias, kind=kind)
+        # the depthwise conv is tiny and read directly by fused kernels: always high precision
+        self.conv1d = nn.Conv1d(d_inner, d_inner, config.mamba_d_conv, groups=d_inner, bias=config.mamba_conv_bias,
+                                padding=config.mamba_d_conv - 1)
+        self.x_proj = make_linear(d_inner, r + 2 * n, bias=False, kind=kind)
+        self.dt_proj = make_linear(r, d_inner, bias=True, kind=kind)
+        self.dt_layernorm = RMSNorm(r, eps=config.rms_norm_eps)
+        self.b_layernorm = RMSNorm(n, eps=config.rms_norm_eps)
+        self.c_layernorm = RMSNorm(n, eps=config.rms_norm_eps)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(d_inner, 1))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.out_proj = make_linear(d_inner, d, bias=config.mamba_proj_bias, kind=kind)
+
+    @torch.no_grad()
+    def reset_dt(self, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
+        """Mamba's dt initialisation: softplus(dt_proj.bias) log-uniform in [dt_min, dt_max]."""
+        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
+        dt = torch.exp(torch.rand(self.d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp_min(1e-4)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def _conv(self, x: torch.Tensor, state: MambaState | None) -> torch.Tensor:
+        """Causal depthwise conv over (B, d_inner, T); updates state.conv."""
+        T = x.shape[-1]
+        if state is None:
+            if causal_conv1d_fn is not None and x.is_cuda:
+                return causal_conv1d_fn(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, activation="silu")
+            return F.silu(self.conv1d(x)[..., :T])
+        past = state.conv if state.conv is not None else x.new_zeros(x.shape[0], self.d_inner, self.d_conv - 1)
+        full = torch.cat([past.to(x.dtype), x], dim=-1)
+        state.conv = full[..., full.shape[-1] - (self.d_conv - 1):]
+        if T == 1:  # decode step: a dot product over the window
+            w = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
+            y = (full * w).sum(-1, keepdim=True)
+            if self.conv1d.bias is not None:
+                y = y + self.conv1d.bias[:, None]
+            return F.silu(y)
+        return F.silu(F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner))
+
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, state: MambaState | None = None):
+        """x: (B, T, d). token_mask: (B, T) bool, False for padding (its input is zeroed, so left padding
+        leaves the state at zero). Returns (B, T, d)."""
+        B, T, _ = x.shape
+        dtype = x.dtype
+        xz = self.in_proj(x).transpose(1, 2)
+        u, z = xz.chunk(2, dim=1)
+        m = token_mask[:, None, :].to(u.dtype) if token_mask is not None else None
+        if m is not None:
+            u = u * m
+        u = self._conv(u, state)
+        if m is not None:
+            u = u * m
+        dt, Bm, Cm = torch.split(self.x_proj(u.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = self.dt_proj(self.dt_layernorm(dt))  # (B, T, d_inner), bias included
+        Bm, Cm = self.b_layernorm(Bm), self.c_layernorm(Cm)
+        A = -torch.exp(self.A_log.float())
+        if state is not None and state.ssm is not None and T == 1:
+            y = selective_state_update(state.ssm, u[..., 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], self.D.float(),
+                                       z=z[..., 0], dt_softplus=True).unsqueeze(-1)
+        else:
+            init = state.ssm if state is not None else None
+            out = selective_scan(u, dt.transpose(1, 2), A, Bm.transpose(1, 2), Cm.transpose(1, 2), self.D.float(),
+                                 z=z, delta_softplus=True, initial_state=init,
+                                 return_last_state=state is not None, impl=self.scan_impl)
+            if state is not None:
+                y, state.ssm = out
+            else:
+                y = out
+        return self.out_proj(y.transpose(1, 2).to(dtype))
