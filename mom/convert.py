@@ -33,7 +33,7 @@ def config_from_hf_jamba(hf_config) -> MoMConfig:
         intermediate_size=c.intermediate_size,
         hidden_act=c.hidden_act,
         num_experts=c.num_experts,
-        num_experts_per_tok=c.num_experts_per_tok,
+        num_experts_per_tok=min(c.num_experts_per_tok, c.num_experts),  # irrelevant with one expert
         expert_layer_period=c.expert_layer_period,
         expert_layer_offset=c.expert_layer_offset,
         router_aux_loss_coef=c.router_aux_loss_coef,
