@@ -1,0 +1,188 @@
+"""``MoMLitModule``: the LightningModule that trains a :class:`mom.model.MoMForCausalLM`.
+
+Logged (Lightning's logger names):
+
+- ``train/loss`` (LM + weighted aux losses), ``train/lm_loss``, ``train/<aux>`` for each entry of
+  ``out.aux_losses`` (``moe_balance``, ``moa_balance``, ``moa_z``, ``mod_bce``...), ``train/<stat>`` for each
+  router statistic of ``out.stats`` (``mod_selected_frac``, ``moe_load_max``...), ``train/lr``,
+  ``train/grad_norm`` (before clipping), ``train/tokens_per_s`` and ``train/tokens`` (all processes).
+- ``val/loss`` (mean next-token NLL over target tokens), ``val/ppl`` = exp(val/loss) and ``val/bpb`` = bits
+  per UTF-8 byte = sum NLL / (ln 2 * sum token_bytes[target]) where targets are ``labels[:, 1:]``; the sums
+  go through torchmetrics ``SumMetric`` so they are exact over processes and batches.
+
+``training_step`` calls :meth:`compute_loss`, the one place a selective-LM objective (Rho-1) plugs in.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import SumMetric
+
+from mom.optim import build_optimizer, build_scheduler
+from mom.utils import model_config
+
+log = logging.getLogger("mom")
+IGNORE_INDEX = -100
+
+
+def parameter_summary(model: torch.nn.Module) -> dict[str, Any]:
+    """``mom.model.summary(config)`` when it exists, else plain parameter counts."""
+    try:
+        from mom.model.summary import summary
+
+        s = summary(model.config)
+        if isinstance(s, dict):
+            return s
+    except Exception as e:  # noqa: BLE001 - the summary is informative only
+        log.debug("mom.model.summary unavailable (%s); counting parameters", e)
+    total = sum(p.numel() for p in model.parameters())
+    return {"total": total, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+def _flat_numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat_numbers(v, key + "/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = float(v)
+    return out
+
+
+class MoMLitModule(L.LightningModule):
+    """Args are the resolved config groups as plain dicts (they are stored as the checkpoint hparams).
+
+    ``vocab_size`` (the tokenizer's) raises the model's vocab_size when larger; ``token_bytes`` (V,) is the
+    UTF-8 byte length of each token, for ``val/bpb`` (without it bpb is not logged).
+    """
+
+    def __init__(self, model: dict, precision: dict, optimizer: dict, scheduler: dict,
+                 vocab_size: int | None = None, token_bytes: torch.Tensor | None = None,
+                 compile: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["token_bytes"])
+        model = dict(model)
+        if vocab_size is not None and vocab_size > model.get("vocab_size", 0):
+            log.warning("model.vocab_size %s < tokenizer vocabulary %s: using %s",
+                        model.get("vocab_size"), vocab_size, vocab_size)
+            model["vocab_size"] = int(vocab_size)
+        from mom.model import MoMForCausalLM
+
+        self.config = model_config(model, precision)
+        self.model = MoMForCausalLM(self.config)
+        # not a registered submodule, so the state dict has no "_orig_mod." duplicates
+        object.__setattr__(self, "_compiled", torch.compile(self.model) if compile else None)
+        if token_bytes is not None:
+            token_bytes = torch.as_tensor(token_bytes, dtype=torch.long)
+        self.register_buffer("token_bytes", token_bytes, persistent=False)
+        self.val_nll = SumMetric()
+        self.val_tokens = SumMetric()
+        self.val_bytes = SumMetric()
+        for m in (self.val_nll, self.val_tokens, self.val_bytes):
+            m.set_dtype(torch.float64)
+        self._t_last: float | None = None
+        self._tokens_seen = 0
+
+    # ------------------------------------------------------------------ forward and loss
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+        return (self._compiled or self.model)(input_ids, **kwargs)
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The training objective of one batch: {"loss", "lm_loss", "aux_losses", "stats", "output"}.
+
+        Plain next-token LM here (every non-ignored target counts); a selective-LM objective overrides or
+        extends this method (e.g. with ``reduction="none"`` and a token mask).
+        """
+        out = self(batch["input_ids"], labels=batch["labels"])
+        return {"loss": out.loss, "lm_loss": out.lm_loss, "aux_losses": dict(out.aux_losses or {}),
+                "stats": dict(out.stats or {}), "output": out}
+
+    # ------------------------------------------------------------------ training
+    def on_fit_start(self) -> None:
+        summary = parameter_summary(self.model)
+        flat = _flat_numbers(summary)
+        if self.trainer.is_global_zero:
+            log.info("parameters: %s", ", ".join(f"{k}={v:,.0f}" for k, v in flat.items()))
+        for logger in self.loggers:
+            logger.log_hyperparams({f"params/{k}": v for k, v in flat.items()})
+        self._t_last = None
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        res = self.compute_loss(batch)
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", res["loss"], prog_bar=True, batch_size=bs)
+        self.log("train/lm_loss", res["lm_loss"], batch_size=bs)
+        for name, value in res["aux_losses"].items():
+            self.log(f"train/{name}", value, batch_size=bs)
+        for name, value in res["stats"].items():
+            if isinstance(value, (list, tuple)):
+                value = torch.stack([torch.as_tensor(v, dtype=torch.float32) for v in value]).mean()
+            if torch.is_tensor(value) and value.numel() != 1:
+                value = value.float().mean()
+            self.log(f"train/{name}", value, batch_size=bs)
+        return res["loss"]
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        now = time.perf_counter()
+        tokens = batch["input_ids"].numel() * self.trainer.world_size
+        self._tokens_seen += tokens
+        if self._t_last is not None:
+            self.log("train/tokens_per_s", tokens / max(now - self._t_last, 1e-9), prog_bar=True)
+        self.log("train/tokens", float(self._tokens_seen))
+        self._t_last = now
+        opt = self.optimizers()
+        if not isinstance(opt, list):
+            self.log("train/lr", opt.param_groups[0]["lr"])
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+            self.log("train/grad_norm", norm)
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self(batch["input_ids"])
+        logits = out.logits[:, :-1].float()
+        targets = batch["labels"][:, 1:]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                              ignore_index=IGNORE_INDEX, reduction="none")
+        mask = targets.reshape(-1) != IGNORE_INDEX
+        self.val_nll.update(nll[mask].sum().double())
+        self.val_tokens.update(mask.sum().double())
+        if self.token_bytes is not None:
+            tb = self.token_bytes[targets.reshape(-1)[mask].clamp_max(self.token_bytes.numel() - 1)]
+            self.val_bytes.update(tb.sum().double())
+
+    def on_validation_epoch_end(self) -> None:
+        n_tok = self.val_tokens.compute()
+        if n_tok <= 0:
+            return
+        nll = self.val_nll.compute()
+        loss = (nll / n_tok).float()
+        self.log("val/loss", loss, prog_bar=True)
+        self.log("val/ppl", torch.exp(loss.clamp_max(50.0)))
+        if self.token_bytes is not None:
+            n_bytes = self.val_bytes.compute()
+            if n_bytes > 0:
+                self.log("val/bpb", (nll / (math.log(2) * n_bytes)).float(), prog_bar=True)
+        self.val_nll.reset()
+        self.val_tokens.reset()
+        self.val_bytes.reset()
+
+    # ------------------------------------------------------------------ optimizers
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = build_optimizer(self.model, self.hparams.optimizer)
+        total = self.hparams.scheduler.get("total_steps") or self.trainer.max_steps
+        if not total or total < 0:
+            total = int(self.trainer.estimated_stepping_batches)
+        scheduler = build_scheduler(optimizer, self.hparams.scheduler, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

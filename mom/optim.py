@@ -1,0 +1,179 @@
+"""Optimizers and learning-rate schedules (the ``optimizer`` and ``scheduler`` config groups).
+
+- ``adamw``: ``torch.optim.AdamW`` with two groups: decayed (matrices of linear layers) and not decayed
+  (norms, biases, embeddings, Mamba ``A_log`` and ``D``: decided by module type, parameter name and ndim, as
+  nanoGPT and the Mamba reference code do; decaying ``A_log`` would pull the state decay rates toward 1).
+- ``galore_adamw``: galore-torch's AdamW. 2-D weights of modules whose qualified name matches one of
+  ``target_modules`` (regexes, ``re.search``) and whose smaller side is larger than ``rank`` form the GaLore
+  group (their gradients are projected to rank ``rank``, so Adam keeps rank x n moments instead of m x n);
+  everything else is plain AdamW in the same optimizer.
+- ``galore_adamw8bit``: the same with bitsandbytes 8-bit states; CUDA only.
+
+Schedules are :class:`torch.optim.lr_scheduler.LambdaLR` stepped every optimizer step: linear warmup from 0,
+then cosine or linear decay to ``min_lr_ratio`` x lr at ``total_steps``, or constant.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from mom.model.config import ConfigError
+
+OPTIMIZERS = ("adamw", "galore_adamw", "galore_adamw8bit")
+SCHEDULERS = ("cosine", "linear", "constant")
+GALORE_PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
+_NO_DECAY_SUFFIXES = ("bias", "A_log", ".D")
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    if isinstance(cfg, Mapping):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def _no_decay_names(model: nn.Module) -> set[str]:
+    """Names of parameters that get no weight decay."""
+    names: set[str] = set()
+    for mod_name, module in model.named_modules():
+        is_embedding = isinstance(module, nn.Embedding)
+        is_norm = "norm" in type(module).__name__.lower()
+        for p_name, p in module.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if (is_embedding or is_norm or p.ndim < 2 or full == "D" or full.endswith(_NO_DECAY_SUFFIXES)
+                    or "norm" in p_name.lower()):
+                names.add(full)
+    return names
+
+
+def _galore_names(model: nn.Module, patterns: Iterable[str], rank: int) -> set[str]:
+    """Names of the 2-D weights GaLore projects: target modules, not embeddings, smaller side > rank."""
+    regexes = [re.compile(p) for p in patterns]
+    names: set[str] = set()
+    for mod_name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) or not any(r.search(mod_name) for r in regexes):
+            continue
+        for p_name, p in module.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if p.ndim == 2 and min(p.shape) > rank and not full.endswith(_NO_DECAY_SUFFIXES):
+                names.add(full)
+    return names
+
+
+def param_groups(model: nn.Module, cfg: Any) -> list[dict[str, Any]]:
+    """AdamW parameter groups (and the GaLore group for the galore optimizers); empty groups dropped."""
+    name = _get(cfg, "name", "adamw")
+    wd = float(_get(cfg, "weight_decay", 0.0))
+    no_decay = _no_decay_names(model)
+    galore: set[str] = set()
+    if name.startswith("galore"):
+        galore = _galore_names(model, _get(cfg, "target_modules", None) or [], int(_get(cfg, "rank", 128)))
+    decay_p, no_decay_p, galore_p = [], [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if n in galore:
+            galore_p.append(p)
+        elif n in no_decay:
+            no_decay_p.append(p)
+        else:
+            decay_p.append(p)
+    groups = [
+        {"params": decay_p, "weight_decay": wd, "name": "decay"},
+        {"params": no_decay_p, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    if galore_p:
+        groups.append({
+            "params": galore_p, "weight_decay": wd, "name": "galore",
+            "rank": int(_get(cfg, "rank")), "update_proj_gap": int(_get(cfg, "update_proj_gap")),
+            "scale": float(_get(cfg, "scale")), "proj_type": str(_get(cfg, "proj_type")),
+        })
+    return [g for g in groups if g["params"]]
+
+
+def check_optimizer(cfg: Any, accelerator: str) -> None:
+    """Fail early (before data and model are built) on an optimizer this machine cannot run."""
+    name = _get(cfg, "name")
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer.name: unknown optimizer {name!r} (one of {', '.join(OPTIMIZERS)})")
+    if name.startswith("galore") and _get(cfg, "proj_type") not in GALORE_PROJ_TYPES:
+        raise ConfigError(f"optimizer.proj_type: {_get(cfg, 'proj_type')!r} is not one of {', '.join(GALORE_PROJ_TYPES)}")
+    if name == "galore_adamw8bit" and (accelerator != "cuda" or not torch.cuda.is_available()):
+        raise ConfigError("optimizer: galore_adamw8bit needs a CUDA GPU (bitsandbytes 8-bit states); "
+                          f"this run is on {accelerator}: use optimizer=galore_adamw or optimizer=adamw")
+
+
+def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg.name`` over ``model``'s parameters."""
+    name = _get(cfg, "name", "adamw")
+    device = next(model.parameters()).device
+    check_optimizer(cfg, device.type)
+    groups = param_groups(model, cfg)
+    kw = {"lr": float(_get(cfg, "lr")), "betas": tuple(float(b) for b in _get(cfg, "betas")),
+          "eps": float(_get(cfg, "eps"))}
+    if name == "adamw":
+        return torch.optim.AdamW(groups, fused=device.type == "cuda" or None, **kw)
+    if name == "galore_adamw":
+        from galore_torch import GaLoreAdamW
+
+        return GaLoreAdamW(groups, no_deprecation_warning=True, **kw)
+    from galore_torch import GaLoreAdamW8bit
+
+    return GaLoreAdamW8bit(groups, **kw)
+
+
+class WarmupDecay:
+    """lr multiplier at optimizer step ``s`` (a callable object, so LambdaLR can checkpoint it)."""
+
+    def __init__(self, name: str, warmup_steps: int, total_steps: int, min_lr_ratio: float):
+        if name not in SCHEDULERS:
+            raise ConfigError(f"scheduler.name: unknown schedule {name!r} (one of {', '.join(SCHEDULERS)})")
+        if warmup_steps < 0:
+            raise ConfigError(f"scheduler.warmup_steps: must be >= 0, got {warmup_steps}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ConfigError(f"scheduler.min_lr_ratio: must be in [0, 1], got {min_lr_ratio}")
+        self.name, self.warmup_steps, self.min_lr_ratio = name, int(warmup_steps), float(min_lr_ratio)
+        self.total_steps = max(int(total_steps), self.warmup_steps + 1)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.name == "constant":
+            return 1.0
+        t = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        shape = 0.5 * (1.0 + math.cos(math.pi * t)) if self.name == "cosine" else 1.0 - t
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * shape
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    fn = WarmupDecay(_get(cfg, "name", "cosine"), int(_get(cfg, "warmup_steps", 0)),
+                     int(_get(cfg, "total_steps") or total_steps), float(_get(cfg, "min_lr_ratio", 0.0)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held in the optimizer state: moment tensors plus GaLore projection matrices."""
+    total = 0
+
+    def add(x: Any) -> None:
+        nonlocal total
+        if torch.is_tensor(x):
+            total += x.numel() * x.element_size()
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                add(y)
+        elif isinstance(x, dict):
+            for y in x.values():
+                add(y)
+        elif hasattr(x, "ortho_matrix"):  # galore_torch's GaLoreProjector
+            add(x.ortho_matrix)
+
+    for state in optimizer.state.values():
+        add(state)
+    return total

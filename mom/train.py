@@ -1,0 +1,177 @@
+"""Train a MoM model: ``python -m mom.train [experiment=tiny] [key=value ...]`` (Hydra; config in ``conf/``).
+
+The run directory is Hydra's output directory (``hydra.run.dir=...`` to choose it; default
+``outputs/<date>/<time>``, sweeps under ``multirun/``). It ends up holding ``.hydra/config.yaml`` (Hydra),
+``metrics.csv`` (CSV logger), ``checkpoints/{last,step*}.ckpt``, ``tokenizer/`` (from the data module) and
+``model/`` (``MoMForCausalLM.save_pretrained`` + ``tokenizer.json``: what ``mom.eval`` and ``mom.generate``
+load). Resume with ``ckpt_path=<old run>/checkpoints/last.ckpt`` (the step count continues).
+
+:func:`train` is the whole job as a plain function of a composed config, so tests run it in-process
+(``mom.utils.compose`` + ``paths.run_dir=<tmp>``); :func:`main` is the Hydra wrapper that also finishes a
+wandb run whatever happens, so the jobs of a multirun never merge into one wandb run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from mom.utils import CONF_DIR, model_config, register_configs, to_plain, wandb_mode_offline
+
+log = logging.getLogger("mom")
+register_configs()
+
+
+def resolve_accelerator(accelerator: str) -> str:
+    """The device type ``trainer.accelerator`` means on this machine (auto: cuda when available)."""
+    if accelerator in ("auto", "gpu"):
+        return "cuda" if torch.cuda.is_available() else ("cpu" if accelerator == "auto" else "cuda")
+    return accelerator
+
+
+def resolve_precision(precision: Any, accelerator: str) -> Any:
+    """``auto``: bf16-mixed on a CUDA GPU that supports it, fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    if accelerator == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def _instantiate_all(group: Any, run_dir: Path, task_name: str) -> list[Any]:
+    """Instantiate each ``_target_`` entry of a logger/callbacks dict (null entries are dropped)."""
+    from hydra.utils import instantiate
+
+    objs = []
+    for name, node in (group or {}).items():
+        if node is None:
+            continue
+        if not (isinstance(node, DictConfig) and "_target_" in node):
+            raise ValueError(f"{name}: expected a mapping with _target_, got {node!r}")
+        kwargs: dict[str, Any] = {}
+        if str(node._target_).endswith("WandbLogger"):
+            if node.get("offline") is None:
+                kwargs["offline"] = wandb_mode_offline()
+            if node.get("name") is None:
+                kwargs["name"] = f"{task_name}-{run_dir.parent.name}-{run_dir.name}"
+        objs.append(instantiate(node, **kwargs))
+    return objs
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path, **extra: Any):
+    """A ``lightning.Trainer`` from ``cfg.trainer`` plus the logger and callbacks groups."""
+    import lightning as L
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ProgressBar
+
+    targs = to_plain(cfg.trainer)
+    accelerator = resolve_accelerator(targs["accelerator"])
+    targs["precision"] = resolve_precision(targs["precision"], accelerator)
+    if isinstance(targs["strategy"], dict):
+        targs["strategy"] = instantiate(cfg.trainer.strategy)
+    loggers = _instantiate_all(cfg.logger, run_dir, cfg.task_name)
+    callbacks = _instantiate_all(cfg.callbacks, run_dir, cfg.task_name)
+    if targs.get("enable_progress_bar") is False:
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    targs.update(extra)
+    return L.Trainer(logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir), **targs)
+
+
+def _save_model(trainer: Any, lit: Any, dm: Any, model_dir: Path) -> None:
+    """``<run>/model/``: save_pretrained of the plain (uncompiled, gathered) module + tokenizer.json."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    model = lit.model
+    if isinstance(trainer.strategy, FSDPStrategy):  # gather the full state dict (a collective: every rank)
+        state = trainer.strategy.lightning_module_state_dict()
+        if not trainer.is_global_zero:
+            return
+        from mom.model import MoMForCausalLM
+
+        model = MoMForCausalLM(lit.config)
+        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    if not trainer.is_global_zero:
+        return
+    model.save_pretrained(model_dir)
+    dm.tokenizer.save(str(model_dir / "tokenizer.json"))
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run one training job described by a composed ``train`` config; returns the final metrics."""
+    import lightning as L
+
+    from mom.data.datamodule import build_datamodule
+    from mom.lit import MoMLitModule, parameter_summary
+    from mom.optim import check_optimizer
+
+    # the run dir always holds .hydra/ etc.; the CSV logger only replaces its own metrics.csv there
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+    run_dir = Path(cfg.paths.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = resolve_accelerator(cfg.trainer.accelerator)
+    check_optimizer(cfg.optimizer, accelerator)  # before any data or model work
+    model_config(cfg.model, cfg.precision)  # ConfigError naming the key, before the tokenizer is trained
+    if accelerator == "cuda":
+        torch.set_float32_matmul_precision("high")
+    L.seed_everything(cfg.seed, workers=True)
+
+    dm = build_datamodule(cfg.data, tokenizer_dir=run_dir / "tokenizer")
+    dm.prepare_data()
+    dm.setup("fit")
+    lit = MoMLitModule(model=to_plain(cfg.model), precision=to_plain(cfg.precision),
+                       optimizer=to_plain(cfg.optimizer), scheduler=to_plain(cfg.scheduler),
+                       vocab_size=int(dm.vocab_size), token_bytes=getattr(dm, "token_bytes", None),
+                       compile=bool(cfg.compile))
+    trainer = build_trainer(cfg, run_dir)
+    if trainer.is_global_zero:
+        (run_dir / "param_summary.json").write_text(json.dumps(parameter_summary(lit.model), indent=2, default=str))
+
+    # our checkpoints hold the optimizer's Python objects (GaLore projectors): trusted, not weights-only
+    trainer.fit(lit, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=False)
+    metrics = _scalars(trainer.callback_metrics)
+    if cfg.final_validate and not trainer.fast_dev_run and trainer.limit_val_batches != 0 and not trainer.interrupted:
+        trainer.validate(lit, datamodule=dm, verbose=False)
+        metrics.update(_scalars(trainer.callback_metrics))
+    if cfg.save_model and not trainer.fast_dev_run:
+        _save_model(trainer, lit, dm, run_dir / "model")
+
+    metrics["step"] = float(trainer.global_step)
+    if trainer.is_global_zero:
+        shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in ("val/loss", "val/ppl", "val/bpb") if k in metrics)
+        print(f"[mom.train] step {trainer.global_step}  {shown or 'no validation metrics'}")
+        print(f"[mom.train] run dir: {run_dir}")
+    return metrics
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+
+
+def _uses_wandb(cfg: DictConfig) -> bool:
+    return any(node is not None and str(node.get("_target_", "")).endswith("WandbLogger")
+               for node in (cfg.get("logger") or {}).values())
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    finally:
+        if _uses_wandb(cfg):
+            import wandb
+
+            wandb.finish()
+    loss = metrics.get("val/loss")
+    return None if loss is None or math.isnan(loss) else loss  # the objective for a Hydra sweeper
+
+
+if __name__ == "__main__":
+    main()

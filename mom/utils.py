@@ -1,0 +1,256 @@
+"""Shared helpers for the Hydra entry points: the structured-config schemas, config composition, logging.
+
+The YAML tree lives in ``conf/`` next to the ``mom/`` package. ``train.yaml`` starts its defaults list with
+``train_schema`` (the :class:`TrainConfig` dataclass registered in Hydra's ConfigStore by
+:func:`register_configs`), so every group that MoM owns is typed: a misspelt key or a value of the wrong type
+is an error that names the full key (``model.hiden_size``, ``optimizer.lr``), raised while composing, before
+anything heavy is imported. The ``model`` schema is derived from :class:`mom.model.config.MoMConfig`, so the
+two never drift apart. ``data`` is owned by ``mom.data`` and stays an open dict here.
+
+Nothing in this module imports Lightning, so composing a config stays fast.
+"""
+
+# ruff: noqa: UP007, UP045  (OmegaConf reads typing.Optional in the schemas; keep it explicit)
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from mom.model.config import PRECISION_COMPONENTS, ConfigError, MoMConfig
+
+log = logging.getLogger("mom")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO_ROOT / "conf"
+
+
+# ----------------------------------------------------------------------------------------------- schemas
+def _schema_type(hint: Any) -> Any:
+    """Turn a MoMConfig annotation into one OmegaConf understands (``int | None`` -> ``Optional[int]``)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return Optional[_schema_type(args[0])]
+        return Any
+    return hint
+
+
+def _model_schema() -> type:
+    """A dataclass with exactly MoMConfig's fields minus ``precision`` (that comes from the precision group)."""
+    hints = typing.get_type_hints(MoMConfig)
+    fields = []
+    for f in dataclasses.fields(MoMConfig):
+        if f.name == "precision":
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        fields.append((f.name, _schema_type(hints[f.name]), field(default=default)))
+    return dataclasses.make_dataclass("ModelSchema", fields)
+
+
+ModelSchema = _model_schema()
+
+
+class PrecisionKind(str, enum.Enum):
+    bf16 = "bf16"
+    ternary = "ternary"
+
+
+PrecisionSchema = dataclasses.make_dataclass(
+    "PrecisionSchema", [(c, PrecisionKind, field(default=PrecisionKind.bf16)) for c in PRECISION_COMPONENTS]
+)
+
+
+@dataclass
+class OptimizerSchema:
+    name: str = "adamw"  # adamw | galore_adamw | galore_adamw8bit
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # GaLore (ignored by adamw): 2-D weights of modules whose qualified name matches one of `target_modules`
+    # (regular expressions, re.search) and whose smaller side exceeds `rank` are projected.
+    rank: int = 128
+    update_proj_gap: int = 200
+    scale: float = 0.25
+    proj_type: str = "std"  # std | reverse_std | right | left | full
+    target_modules: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SchedulerSchema:
+    name: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # the final lr as a fraction of optimizer.lr
+    total_steps: Optional[int] = None  # None: trainer.max_steps (or Lightning's estimate when that is -1)
+
+
+@dataclass
+class TrainerSchema:
+    """The subset of ``lightning.Trainer`` arguments MoM exposes (each passed through unchanged).
+
+    ``precision: auto`` picks ``bf16-mixed`` on CUDA and ``32-true`` elsewhere. ``strategy`` is a Lightning
+    strategy name or a dict with ``_target_`` (instantiated).
+    """
+
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: Any = "auto"
+    precision: Any = "auto"
+    max_steps: int = -1
+    max_epochs: Optional[int] = None
+    max_time: Optional[str] = None  # "DD:HH:MM:SS"
+    val_check_interval: Any = None
+    check_val_every_n_epoch: Optional[int] = 1
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    num_sanity_val_steps: Optional[int] = None
+    log_every_n_steps: int = 10
+    gradient_clip_val: Optional[float] = 1.0
+    gradient_clip_algorithm: Optional[str] = None
+    accumulate_grad_batches: int = 1
+    fast_dev_run: Any = False
+    deterministic: Any = None
+    benchmark: Optional[bool] = None
+    enable_progress_bar: Optional[bool] = None
+    enable_model_summary: Optional[bool] = None
+    use_distributed_sampler: bool = True
+
+
+@dataclass
+class PathsSchema:
+    root_dir: str = MISSING
+    output_dir: str = MISSING  # where single runs go (outputs/<date>/<time>)
+    sweep_dir: str = MISSING  # where multiruns go (multirun/<date>/<time>/<job>)
+    data_dir: str = MISSING
+    cache_dir: str = MISSING
+    run_dir: str = MISSING  # this run's folder: Hydra's output dir
+
+
+@dataclass
+class SlmSchema:
+    """Selective language modelling (Rho-1). Only ``none`` so far; the rho issue adds its fields here."""
+
+    name: str = "none"
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSchema = field(default_factory=ModelSchema)  # type: ignore[valid-type]
+    precision: PrecisionSchema = field(default_factory=PrecisionSchema)  # type: ignore[valid-type]
+    optimizer: OptimizerSchema = field(default_factory=OptimizerSchema)
+    scheduler: SchedulerSchema = field(default_factory=SchedulerSchema)
+    data: dict[str, Any] = field(default_factory=dict)  # owned by mom.data (its own checks)
+    trainer: TrainerSchema = field(default_factory=TrainerSchema)
+    logger: dict[str, Any] = field(default_factory=dict)  # name -> {_target_: ...}
+    callbacks: dict[str, Any] = field(default_factory=dict)  # name -> {_target_: ...} (null drops one)
+    paths: PathsSchema = field(default_factory=PathsSchema)
+    slm: SlmSchema = field(default_factory=SlmSchema)
+    task_name: str = "train"
+    seed: int = 1337
+    ckpt_path: Optional[str] = None  # resume: a Lightning checkpoint (e.g. <old run>/checkpoints/last.ckpt)
+    final_validate: bool = True  # run one more validation after fit so the printed metrics are final
+    save_model: bool = True  # write <run>/model/ (save_pretrained + tokenizer.json)
+    compile: bool = False  # torch.compile the model
+
+
+@dataclass
+class EvalConfig:
+    data: dict[str, Any] = field(default_factory=dict)
+    paths: PathsSchema = field(default_factory=PathsSchema)
+    run_dir: Optional[str] = None  # a training run folder; its model/ is evaluated
+    model_dir: Optional[str] = None  # a model folder directly; default <run_dir>/model
+    max_seq_length: Optional[int] = None
+    batch_size: int = 8
+    seed: int = 1337
+
+
+@dataclass
+class GenerateConfig:
+    paths: PathsSchema = field(default_factory=PathsSchema)
+    run_dir: Optional[str] = None
+    model_dir: Optional[str] = None
+    prompt: str = ""
+    max_new_tokens: int = 128
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    repetition_penalty: float = 1.0
+    use_cache: bool = True
+    seed: int = 1337
+    batch_size: int = 1
+
+
+_registered = False
+
+
+def register_configs() -> None:
+    """Register the schemas and OmegaConf resolvers (idempotent). Call before composing."""
+    global _registered
+    if _registered:
+        return
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="generate_schema", node=GenerateConfig)
+    if not OmegaConf.has_resolver("mom_root"):
+        OmegaConf.register_new_resolver("mom_root", lambda: str(REPO_ROOT))
+    _registered = True
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def compose(config_name: str = "train", overrides: list[str] | None = None, *, return_hydra_config: bool = False
+            ) -> DictConfig:
+    """Compose a config from ``conf/`` in-process (tests, notebooks); no run directory is created."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []),
+                             return_hydra_config=return_hydra_config)
+
+
+def to_plain(node: Any) -> Any:
+    """A DictConfig/ListConfig (or anything) as plain Python containers, enums as their names, resolved."""
+    if OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    return node
+
+
+def model_config(model_cfg: Any, precision_cfg: Any, **changes: Any) -> MoMConfig:
+    """Build a :class:`MoMConfig` from the ``model`` and ``precision`` groups (ConfigError names the key)."""
+    d = dict(to_plain(model_cfg))
+    d["precision"] = dict(to_plain(precision_cfg))
+    d.update(changes)
+    return MoMConfig.from_dict(d)
+
+
+def wandb_mode_offline() -> bool:
+    """wandb runs offline unless an API key is set (or WANDB_MODE says otherwise)."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode in ("offline", "disabled", "dryrun")
+    return not os.environ.get("WANDB_API_KEY")
+
+
+__all__ = [
+    "CONF_DIR", "REPO_ROOT", "ConfigError", "EvalConfig", "GenerateConfig", "ModelSchema", "OptimizerSchema", "PathsSchema", "PrecisionKind",
+    "PrecisionSchema", "SchedulerSchema", "SlmSchema", "TrainConfig", "TrainerSchema", "compose",
+    "model_config", "register_configs", "to_plain", "wandb_mode_offline",
+]
