@@ -1,0 +1,428 @@
+"""Mamba-1 selective scan: a sequential reference, a fast pure-PyTorch path and the mamba_ssm kernels.
+
+Conventions follow ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` plus an initial state:
+
+    u, delta: (b, d, l)   A: (d, n)   B, C: (b, n, l)   D: (d,)   z: (b, d, l)   delta_bias: (d,)
+    initial_state: (b, d, n)
+
+    dt  = delta (+ delta_bias[:, None]) (then softplus if delta_softplus)
+    h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t          (h_{-1} = initial_state or 0)
+    y_t = <h_t, C_t> + D * u_t ;  y *= silu(z) when z is given
+
+Everything is computed in float32 (autocast is disabled inside), ``y`` is returned in ``u.dtype`` and the
+last state in float32 (as mamba_ssm does).
+
+Implementations (``impl``):
+
+* ``"reference"``: a plain per-step loop under autograd; the ground truth (slow backward, small graphs).
+* ``"fast"``: a custom ``torch.autograd.Function``. Time is cut into chunks; inside a chunk ``exp(dt*A)``
+  and ``dt*B*u`` are materialised as contiguous time-major ``(T, b, d, n)`` buffers and the recurrence is
+  an in-place ``addcmul_`` per step (no autograd graph). Only the chunk-start states are kept for backward;
+  the backward recomputes each chunk's states and runs the adjoint recurrence in reverse time
+  (``g_{t-1} += exp(dt_t*A) * g_t``), then forms every gradient with a few batched matmuls. Memory is
+  O(b*d*T*n) on top of the inputs, independent of the sequence length.
+* ``"cuda"``: mamba_ssm's CUDA kernel (needs mamba_ssm and CUDA tensors; it has no initial state, so with
+  ``initial_state`` this falls back to ``"fast"``). Raises ``RuntimeError`` when unavailable.
+* ``"auto"``: ``"cuda"`` when possible, else ``"fast"``; never fails on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "selective_scan",
+    "selective_scan_reference",
+    "selective_scan_fast",
+    "selective_state_update",
+    "mamba_ssm_available",
+]
+
+#: Time steps per chunk of the fast path (trades Python overhead against buffer size).
+CHUNK_SIZE = 16
+
+_F32 = torch.float32
+
+# --------------------------------------------------------------------------------------------------------
+# optional kernels
+# --------------------------------------------------------------------------------------------------------
+_CUDA_SCAN = None
+_CUDA_STEP = None
+_CUDA_CHECKED = False
+
+
+def _load_kernels():
+    global _CUDA_SCAN, _CUDA_STEP, _CUDA_CHECKED
+    if not _CUDA_CHECKED:
+        _CUDA_CHECKED = True
+        try:  # pragma: no cover - needs mamba_ssm
+            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+            _CUDA_SCAN = selective_scan_fn
+        except Exception:  # ImportError, or a broken build
+            _CUDA_SCAN = None
+        try:  # pragma: no cover - needs mamba_ssm + triton
+            from mamba_ssm.ops.triton.selective_state_update import selective_state_update as ssu
+
+            _CUDA_STEP = ssu
+        except Exception:
+            _CUDA_STEP = None
+    return _CUDA_SCAN, _CUDA_STEP
+
+
+def mamba_ssm_available() -> bool:
+    """True when mamba_ssm's selective_scan_fn can be imported (and CUDA exists)."""
+    return torch.cuda.is_available() and _load_kernels()[0] is not None
+
+
+def _no_autocast(device_type: str):
+    if device_type in ("cpu", "cuda"):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    if u.dim() != 3:
+        raise ValueError(f"u must be (b, d, l), got {tuple(u.shape)}")
+    b, d, L = u.shape
+    if delta.shape != u.shape:
+        raise ValueError(f"delta must have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
+    if A.dim() != 2 or A.shape[0] != d:
+        raise ValueError(f"A must be (d, n) with d={d}, got {tuple(A.shape)}")
+    n = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if t.shape != (b, n, L):
+            raise ValueError(f"{name} must be (b, n, l) = {(b, n, L)}, got {tuple(t.shape)}")
+    if D is not None and D.shape != (d,):
+        raise ValueError(f"D must be ({d},), got {tuple(D.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+    if delta_bias is not None and delta_bias.shape != (d,):
+        raise ValueError(f"delta_bias must be ({d},), got {tuple(delta_bias.shape)}")
+    if initial_state is not None and initial_state.shape != (b, d, n):
+        raise ValueError(f"initial_state must be (b, d, n) = {(b, d, n)}, got {tuple(initial_state.shape)}")
+    if L < 1:
+        raise ValueError("selective_scan needs a sequence length >= 1")
+
+
+def _dt(delta, delta_bias, delta_softplus):
+    """Returns (pre-activation, dt), both float32 (b, d, l)."""
+    pre = delta.to(_F32)
+    if delta_bias is not None:
+        pre = pre + delta_bias.to(_F32)[:, None]
+    dt = F.softplus(pre) if delta_softplus else pre
+    return pre, dt
+
+
+# --------------------------------------------------------------------------------------------------------
+# reference
+# --------------------------------------------------------------------------------------------------------
+def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                             initial_state=None, return_last_state=False):
+    """Plain sequential loop (autograd through every step). The ground truth for the other paths."""
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    out_dtype = u.dtype
+    with _no_autocast(u.device.type):
+        b, d, L = u.shape
+        n = A.shape[1]
+        _, dt = _dt(delta, delta_bias, delta_softplus)
+        uf, Af, Bf, Cf = u.to(_F32), A.to(_F32), B.to(_F32), C.to(_F32)
+        h = initial_state.to(_F32) if initial_state is not None else u.new_zeros((b, d, n), dtype=_F32)
+        ys = []
+        for dt_t, u_t, B_t, C_t in zip(dt.unbind(2), uf.unbind(2), Bf.unbind(2), Cf.unbind(2), strict=True):
+            dA = torch.exp(dt_t[:, :, None] * Af)  # (b, d, n)
+            h = dA * h + (dt_t * u_t)[:, :, None] * B_t[:, None, :]
+            ys.append((h * C_t[:, None, :]).sum(-1))
+        y = torch.stack(ys, dim=-1)
+        if D is not None:
+            y = y + D.to(_F32)[:, None] * uf
+        if z is not None:
+            y = y * F.silu(z.to(_F32))
+        y = y.to(out_dtype)
+    return (y, h) if return_last_state else y
+
+
+# --------------------------------------------------------------------------------------------------------
+# fast path
+# --------------------------------------------------------------------------------------------------------
+def _chunk_states(dt_t, u_t, B_t, Af, h0, s, e, dA_buf, hs_buf):
+    """States of steps s..e-1 written into the (chunk, b, d, n) work buffers; returns the (T, b, d, n) views
+    dA = exp(dt*A) and hs = the states."""
+    dts = dt_t[s:e]
+    dA = dA_buf[: e - s]
+    hs = hs_buf[: e - s]
+    torch.mul(dts.unsqueeze(-1), Af, out=dA).exp_()
+    torch.mul((dts * u_t[s:e]).unsqueeze(-1), B_t[s:e].unsqueeze(2), out=hs)
+    hs_l = hs.unbind(0)
+    dA_l = dA.unbind(0)
+    if h0 is not None:
+        hs_l[0].addcmul_(dA_l[0], h0)
+    prev = hs_l[0]
+    for t in range(1, e - s):
+        cur = hs_l[t]
+        cur.addcmul_(dA_l[t], prev)
+        prev = cur
+    return dA, hs
+
+
+def _time_major(x):
+    """(b, k, l) -> contiguous float32 (l, b, k)."""
+    return x.to(_F32).permute(2, 0, 1).contiguous()
+
+
+class _SelectiveScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk):
+        with _no_autocast(u.device.type):
+            b, d, L = u.shape
+            n = A.shape[1]
+            _, dt = _dt(delta, delta_bias, delta_softplus)
+            dt_t, u_t, B_t, C_t = _time_major(dt), _time_major(u), _time_major(B), _time_major(C)
+            Af = A.to(_F32)
+            h = initial_state.to(_F32) if initial_state is not None else None
+            ys = torch.empty((L, b, d), dtype=_F32, device=u.device)
+            work = min(chunk, L)
+            dA_buf = torch.empty((work, b, d, n), dtype=_F32, device=u.device)
+            hs_buf = torch.empty_like(dA_buf)
+            starts = []
+            for s in range(0, L, chunk):
+                e = min(s + chunk, L)
+                starts.append(h)
+                _, hs = _chunk_states(dt_t, u_t, B_t, Af, h, s, e, dA_buf, hs_buf)
+                h = hs[-1].clone()
+                torch.sum(hs.mul_(C_t[s:e].unsqueeze(2)), dim=-1, out=ys[s:e])
+            del dA_buf, hs_buf, hs
+            y = ys.permute(1, 2, 0).contiguous()  # (b, d, l)
+            del ys
+            if D is not None:
+                y = y + D.to(_F32)[:, None] * u.to(_F32)
+            y_pre = y
+            if z is not None:
+                y = y * F.silu(z.to(_F32))
+            y_out = y.to(u.dtype)
+            last = h
+
+            # chunk-start states for the backward (the first one is the initial state or zeros)
+            st = None
+            if any(ctx.needs_input_grad):
+                zero = u.new_zeros((b, d, n), dtype=_F32) if initial_state is None else None
+                st = torch.stack([x if x is not None else zero for x in starts])
+            del starts
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, st,
+                                  y_pre if z is not None else None)
+            ctx.has_h0 = initial_state is not None
+            ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
+            ctx.delta_softplus = delta_softplus
+            ctx.chunk = chunk
+            ctx.set_materialize_grads(False)
+        return y_out, last
+
+    @staticmethod
+    def backward(ctx, gy, glast):
+        u, delta, A, B, C, D, z, delta_bias, st, y_pre = ctx.saved_tensors
+        need = ctx.needs_input_grad  # u, delta, A, B, C, D, z, delta_bias, initial_state, ...
+        with _no_autocast(u.device.type):
+            b, d, L = u.shape
+            n = A.shape[1]
+            chunk = ctx.chunk
+            pre, dt = _dt(delta, delta_bias, ctx.delta_softplus)
+            uf = u.to(_F32)
+            gu = gdelta = gA = gB = gC = gD = gz = gbias = gh0 = None
+
+            if gy is None:
+                gy = torch.zeros((b, d, L), dtype=_F32, device=u.device)
+            gy = gy.to(_F32)
+            if z is not None:
+                zf = z.to(_F32)
+                sz = torch.sigmoid(zf)
+                if need[6]:
+                    gz = gy * y_pre * sz * (1 + zf * (1 - sz))
+                gy = gy * (zf * sz)  # grad wrt the pre-gate output
+            if D is not None and need[5]:
+                gD = (gy * uf).sum((0, 2))
+
+            need_g = any(need[i] for i in (0, 1, 2, 3, 7, 8))  # anything that needs the state adjoint
+            if need_g or need[4]:
+                dt_t, u_t, B_t, C_t = _time_major(dt), _time_major(u), _time_major(B), _time_major(C)
+                gy_t = gy.permute(2, 0, 1).contiguous()  # (l, b, d)
+                Af = A.to(_F32)
+                gC_t = torch.empty((L, b, n), dtype=_F32, device=u.device) if need[4] else None
+                if need_g:
+                    gB_t = torch.empty((L, b, n), dtype=_F32, device=u.device) if need[3] else None
+                    sGB_t = torch.empty((L, b, d), dtype=_F32, device=u.device)  # sum_n G * B
+                    gdt_t = torch.empty((L, b, d), dtype=_F32, device=u.device)  # via dA
+                    gAf = torch.zeros((d, n), dtype=_F32, device=u.device) if need[2] else None
+                carry = glast.to(_F32) if glast is not None else None
+                work = min(chunk, L)
+                dA_buf = torch.empty((work, b, d, n), dtype=_F32, device=u.device)
+                hs_buf = torch.empty_like(dA_buf)
+                tmp_buf = torch.empty_like(dA_buf)
+                G_buf = torch.empty_like(dA_buf) if need_g else None
+                carry_buf = torch.empty((b, d, n), dtype=_F32, device=u.device)
+                n_chunks = (L + chunk - 1) // chunk
+                for c in range(n_chunks - 1, -1, -1):
+                    s = c * chunk
+                    e = min(s + chunk, L)
+                    T = e - s
+                    h0 = st[c] if (c > 0 or ctx.has_h0) else None
+                    dA, hs = _chunk_states(dt_t, u_t, B_t, Af, h0, s, e, dA_buf, hs_buf)
+                    tmp = tmp_buf[:T]
+                    if gC_t is not None:
+                        torch.sum(torch.mul(hs, gy_t[s:e].unsqueeze(-1), out=tmp), dim=2, out=gC_t[s:e])
+                    if not need_g:
+                        continue
+                    # adjoint of the states: G_t = C_t gy_t + dA_{t+1} G_{t+1}
+                    G = torch.mul(gy_t[s:e].unsqueeze(-1), C_t[s:e].unsqueeze(2), out=G_buf[:T])
+                    G_l = G.unbind(0)
+                    dA_l = dA.unbind(0)
+                    if carry is not None:
+                        G_l[T - 1].add_(carry)
+                    for t in range(T - 2, -1, -1):
+                        G_l[t].addcmul_(dA_l[t + 1], G_l[t + 1])
+                    carry = torch.mul(dA_l[0], G_l[0], out=carry_buf)  # grad wrt the chunk's incoming state
+                    if gB_t is not None:
+                        dtu = dt_t[s:e] * u_t[s:e]
+                        torch.sum(torch.mul(G, dtu.unsqueeze(-1), out=tmp), dim=2, out=gB_t[s:e])
+                    torch.sum(torch.mul(G, B_t[s:e].unsqueeze(2), out=tmp), dim=-1, out=sGB_t[s:e])
+                    # X_t = G_t * dA_t * h_{t-1}   (grad wrt dt*A), built in place in dA
+                    X = dA.mul_(G)
+                    del G_l, dA_l
+                    if T > 1:
+                        X[1:].mul_(hs[:-1])
+                    if h0 is not None:
+                        X[0].mul_(h0)
+                    else:
+                        X[0].zero_()
+                    if gAf is not None:
+                        gAf.add_(torch.mul(X, dt_t[s:e].unsqueeze(-1), out=tmp).sum((0, 1)))
+                    torch.sum(X.mul_(Af), dim=-1, out=gdt_t[s:e])
+                del dA_buf, hs_buf, tmp_buf, G_buf
+
+                if need_g:
+                    if need[8] and ctx.has_h0:
+                        gh0 = carry.to(ctx.h0_dtype, copy=True)
+                    if gAf is not None:
+                        gA = gAf.to(A.dtype)
+                    if gB_t is not None:
+                        gB = gB_t.permute(1, 2, 0).contiguous().to(B.dtype)
+                    sGB = sGB_t.permute(1, 2, 0).contiguous()  # (b, d, l)
+                    if need[0]:
+                        gu = sGB * dt
+                    if need[1] or need[7]:
+                        gdt = gdt_t.permute(1, 2, 0).contiguous() + sGB * uf
+                        if ctx.delta_softplus:
+                            gdt = gdt * torch.sigmoid(pre)
+                        if need[1]:
+                            gdelta = gdt.to(delta.dtype)
+                        if need[7]:
+                            gbias = gdt.sum((0, 2)).to(delta_bias.dtype)
+                if gC_t is not None:
+                    gC = gC_t.permute(1, 2, 0).contiguous().to(C.dtype)
+            if need[0]:
+                if D is not None:
+                    du = gy * D.to(_F32)[:, None]
+                    gu = du if gu is None else gu + du
+                if gu is None:
+                    gu = torch.zeros_like(uf)
+                gu = gu.to(u.dtype)
+            if gD is not None:
+                gD = gD.to(D.dtype)
+            if gz is not None:
+                gz = gz.to(z.dtype)
+        return gu, gdelta, gA, gB, gC, gD, gz, gbias, gh0, None, None
+
+
+def selective_scan_fast(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                        initial_state=None, return_last_state=False, chunk_size=None):
+    """Chunked in-place scan with a hand-written backward (see the module docstring)."""
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    chunk = int(chunk_size or CHUNK_SIZE)
+    if chunk < 1:
+        raise ValueError("chunk_size must be >= 1")
+    y, last = _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
+                                     bool(delta_softplus), chunk)
+    return (y, last) if return_last_state else y
+
+
+# --------------------------------------------------------------------------------------------------------
+# dispatch
+# --------------------------------------------------------------------------------------------------------
+def _cuda_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):  # pragma: no cover
+    fn = _load_kernels()[0]
+    out = fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
+             return_last_state=return_last_state)
+    if return_last_state:
+        y, last = out
+        return y, last.to(_F32)
+    return out
+
+
+def _cuda_usable(*tensors) -> bool:
+    return _load_kernels()[0] is not None and all(t is None or t.is_cuda for t in tensors)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   initial_state=None, return_last_state=False, impl="auto"):
+    """Mamba-1 selective scan; returns ``y`` (b, d, l) [, ``last_state`` (b, d, n) float32].
+
+    ``impl``: ``"auto"`` | ``"fast"`` | ``"reference"`` | ``"cuda"`` (see the module docstring).
+    """
+    if impl == "reference":
+        return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                        initial_state, return_last_state)
+    if impl == "fast":
+        return selective_scan_fast(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                   initial_state, return_last_state)
+    if impl in ("cuda", "auto"):
+        usable = _cuda_usable(u, delta, A, B, C, D, z, delta_bias)
+        if impl == "cuda" and not usable:
+            if _load_kernels()[0] is None:
+                why = "mamba_ssm is not importable (pip install 'mom[gpu]' on a CUDA machine)"
+            else:
+                why = "the tensors are not on a CUDA device"
+            raise RuntimeError(f"selective_scan(impl='cuda') is unavailable: {why}; use impl='auto' or 'fast'")
+        if usable and initial_state is None:
+            _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+            return _cuda_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        return selective_scan_fast(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                   initial_state, return_last_state)
+    raise ValueError(f"unknown selective_scan impl {impl!r}; expected auto, fast, reference or cuda")
+
+
+# --------------------------------------------------------------------------------------------------------
+# one decoding step
+# --------------------------------------------------------------------------------------------------------
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """One recurrent step, updating ``state`` (b, d, n) in place; x, dt, z: (b, d); B, C: (b, n).
+
+    Returns y (b, d) in ``x.dtype``. Uses mamba_ssm's Triton kernel on CUDA when importable.
+    """
+    b, d = x.shape
+    if state.dim() != 3 or state.shape[:2] != (b, d):
+        raise ValueError(f"state must be (b, d, n) with (b, d)={(b, d)}, got {tuple(state.shape)}")
+    n = state.shape[2]
+    if dt.shape != (b, d) or B.shape != (b, n) or C.shape != (b, n) or A.shape != (d, n):
+        raise ValueError("selective_state_update: expected dt (b, d), A (d, n), B and C (b, n); got "
+                         f"{tuple(dt.shape)}, {tuple(A.shape)}, {tuple(B.shape)}, {tuple(C.shape)}")
+    step = _load_kernels()[1]
+    if step is not None and state.is_cuda and x.is_cuda:  # pragma: no cover - needs CUDA
+        return step(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+    with _no_autocast(x.device.type):
+        dtf = dt.to(_F32)
+        if dt_bias is not None:
+            dtf = dtf + dt_bias.to(_F32)
+        if dt_softplus:
+            dtf = F.softplus(dtf)
+        xf = x.to(_F32)
+        dA = torch.exp(dtf[:, :, None] * A.to(_F32))
+        h = state.to(_F32) * dA + (dtf * xf)[:, :, None] * B.to(_F32)[:, None, :]
+        state.copy_(h)
+        y = (h * C.to(_F32)[:, None, :]).sum(-1)
+        if D is not None:
+            y = y + D.to(_F32) * xf
+        if z is not None:
+            y = y * F.silu(z.to(_F32))
+    return y.to(x.dtype)

@@ -1,0 +1,205 @@
+"""mom.model.scan: the fast selective scan against the sequential reference (values and all gradients),
+the one-token step, chunked continuation with carried state, dispatch and autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mom.model import scan as scan_mod
+from mom.model.scan import selective_scan, selective_state_update
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+
+
+def make(b=2, d=3, L=7, n=4, *, D=True, z=True, bias=True, h0=True, seed=0, grad=True):
+    g = torch.Generator().manual_seed(seed)
+    t = {
+        "u": torch.randn(b, d, L, generator=g),
+        "delta": torch.randn(b, d, L, generator=g) * 0.5,
+        "A": -torch.exp(torch.randn(d, n, generator=g) * 0.5),
+        "B": torch.randn(b, n, L, generator=g),
+        "C": torch.randn(b, n, L, generator=g),
+        "D": torch.randn(d, generator=g) if D else None,
+        "z": torch.randn(b, d, L, generator=g) if z else None,
+        "delta_bias": torch.randn(d, generator=g) * 0.3 if bias else None,
+        "initial_state": torch.randn(b, d, n, generator=g) if h0 else None,
+    }
+    if not bias:  # keep dt positive-ish without softplus
+        t["delta"] = t["delta"].abs() + 0.05
+    if grad:
+        for v in t.values():
+            if v is not None:
+                v.requires_grad_()
+    return t
+
+
+def run(t, impl, softplus, ret_last, seed=1):
+    for v in t.values():
+        if v is not None:
+            v.grad = None
+    out = selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"],
+                         delta_softplus=softplus, initial_state=t["initial_state"],
+                         return_last_state=ret_last, impl=impl)
+    y, last = out if ret_last else (out, None)
+    g = torch.Generator().manual_seed(seed)
+    loss = (y * torch.randn(y.shape, generator=g)).sum()
+    if last is not None:
+        loss = loss + (last * torch.randn(last.shape, generator=g)).sum()
+    loss.backward()
+    grads = {k: v.grad.clone() for k, v in t.items() if v is not None}
+    return y.detach(), (last.detach() if last is not None else None), grads
+
+
+@pytest.mark.parametrize("L", [1, 2, 7, 33, 64])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(D=True, z=True, bias=True, h0=True, softplus=True, ret_last=True),
+        dict(D=False, z=False, bias=False, h0=False, softplus=False, ret_last=False),
+        dict(D=True, z=False, bias=True, h0=False, softplus=True, ret_last=True),
+        dict(D=False, z=True, bias=False, h0=True, softplus=True, ret_last=False),
+    ],
+    ids=["all", "bare", "D+bias", "z+h0"],
+)
+def test_fast_matches_reference(L, opts):
+    opts = dict(opts)
+    softplus, ret_last = opts.pop("softplus"), opts.pop("ret_last")
+    t = make(L=L, **opts)
+    y_r, last_r, g_r = run(t, "reference", softplus, ret_last)
+    y_f, last_f, g_f = run(t, "fast", softplus, ret_last)
+    torch.testing.assert_close(y_f, y_r, **TOL)
+    if ret_last:
+        torch.testing.assert_close(last_f, last_r, **TOL)
+    assert g_f.keys() == g_r.keys()
+    for k in g_r:
+        torch.testing.assert_close(g_f[k], g_r[k], **TOL, msg=lambda m, k=k: f"grad {k}: {m}")
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5])
+def test_fast_chunk_sizes(chunk):
+    t = make(L=11)
+    ref = run(t, "reference", True, True)
+    y = scan_mod.selective_scan_fast(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"],
+                                     t["delta_bias"], True, t["initial_state"], True, chunk_size=chunk)
+    torch.testing.assert_close(y[0], ref[0], **TOL)
+    torch.testing.assert_close(y[1], ref[1], **TOL)
+
+
+def test_partial_requires_grad_and_last_state_only():
+    t = make(L=9, grad=False)
+    t["u"].requires_grad_()
+    t["C"].requires_grad_()
+    y, last = selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"],
+                             True, t["initial_state"], True, impl="fast")
+    gu, gC = torch.autograd.grad(y.sum(), (t["u"], t["C"]))
+    t2 = {k: (v.detach().clone().requires_grad_() if k in ("u", "C") else v) for k, v in t.items()}
+    y2 = selective_scan(t2["u"], t2["delta"], t2["A"], t2["B"], t2["C"], t2["D"], t2["z"], t2["delta_bias"],
+                        True, t2["initial_state"], impl="reference")
+    ru, rC = torch.autograd.grad(y2.sum(), (t2["u"], t2["C"]))
+    torch.testing.assert_close(gu, ru, **TOL)
+    torch.testing.assert_close(gC, rC, **TOL)
+
+    # a loss on the last state only (y unused)
+    t = make(L=5)
+    for impl in ("reference", "fast"):
+        for v in t.values():
+            v.grad = None
+        _, last = selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"],
+                                 True, t["initial_state"], True, impl=impl)
+        last.square().sum().backward()
+        if impl == "reference":
+            ref = {k: v.grad.clone() for k, v in t.items() if v.grad is not None}
+        else:
+            got = {k: v.grad for k, v in t.items() if v.grad is not None}
+    for k in ("u", "delta", "A", "B", "delta_bias", "initial_state"):
+        torch.testing.assert_close(got[k], ref[k], **TOL)
+    for k in ("C", "D", "z"):  # no path to the last state: zero (or absent)
+        if k in got:
+            assert torch.count_nonzero(got[k]) == 0
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_step_by_step_equals_scan(impl):
+    b, d, L, n = 2, 5, 9, 3
+    t = make(b, d, L, n, grad=False)
+    y_par, last_par = selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"],
+                                     t["delta_bias"], True, t["initial_state"], True, impl=impl)
+    state = t["initial_state"].clone()
+    ys = []
+    for i in range(L):
+        ys.append(selective_state_update(state, t["u"][:, :, i], t["delta"][:, :, i], t["A"], t["B"][:, :, i],
+                                         t["C"][:, :, i], D=t["D"], z=t["z"][:, :, i],
+                                         dt_bias=t["delta_bias"], dt_softplus=True))
+    torch.testing.assert_close(torch.stack(ys, -1), y_par, **TOL)
+    torch.testing.assert_close(state, last_par, **TOL)
+
+
+def test_step_without_options():
+    b, d, n = 3, 4, 2
+    g = torch.Generator().manual_seed(3)
+    state = torch.randn(b, d, n, generator=g)
+    x, dt = torch.randn(b, d, generator=g), torch.rand(b, d, generator=g)
+    A = -torch.rand(d, n, generator=g)
+    B, C = torch.randn(b, n, generator=g), torch.randn(b, n, generator=g)
+    expect_state = torch.exp(dt[..., None] * A) * state + (dt * x)[..., None] * B[:, None]
+    y = selective_state_update(state, x, dt, A, B, C)
+    torch.testing.assert_close(state, expect_state, **TOL)
+    torch.testing.assert_close(y, (expect_state * C[:, None]).sum(-1), **TOL)
+
+
+@pytest.mark.parametrize("k", [1, 4, 8])
+def test_continuation_with_carried_state(k):
+    b, d, L, n = 2, 3, 12, 4
+    t = make(b, d, L, n)
+    def args(s, e):
+        return (t["u"][..., s:e], t["delta"][..., s:e], t["A"], t["B"][..., s:e], t["C"][..., s:e],
+                t["D"], t["z"][..., s:e], t["delta_bias"])
+
+    y_full, last_full = selective_scan(*args(0, L), True, t["initial_state"], True, impl="fast")
+    gy = torch.randn(y_full.shape, generator=torch.Generator().manual_seed(5))
+    (y_full * gy).sum().backward()
+    g_full = {k_: v.grad.clone() for k_, v in t.items()}
+    for v in t.values():
+        v.grad = None
+    y1, h1 = selective_scan(*args(0, k), True, t["initial_state"], True, impl="fast")
+    y2, h2 = selective_scan(*args(k, L), True, h1, True, impl="fast")
+    y_split = torch.cat([y1, y2], -1)
+    torch.testing.assert_close(y_split, y_full, **TOL)
+    torch.testing.assert_close(h2, last_full, **TOL)
+    (y_split * gy).sum().backward()  # the gradient flows back through the carried state
+    for name, v in t.items():
+        torch.testing.assert_close(v.grad, g_full[name], **TOL)
+
+
+def test_autocast_and_low_precision():
+    t = make(L=10, grad=False)
+    args = (t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"], True,
+            t["initial_state"])
+    ref = selective_scan(*args, impl="reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = selective_scan(*args, impl="fast")
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, ref, **TOL)  # computed in fp32 despite autocast
+
+    u16 = t["u"].to(torch.bfloat16).requires_grad_()
+    y16, last = selective_scan(u16, *args[1:], return_last_state=True, impl="fast")
+    assert y16.dtype == torch.bfloat16 and last.dtype == torch.float32
+    y32 = selective_scan(u16.detach().float(), *args[1:], impl="reference")
+    torch.testing.assert_close(y16.float(), y32, rtol=1e-2, atol=1e-2)
+    y16.float().sum().backward()
+    assert u16.grad.dtype == torch.bfloat16
+
+
+def test_dispatch():
+    t = make(L=4, grad=False)
+    args = (t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"], True)
+    y_auto = selective_scan(*args, impl="auto")  # never fails on CPU
+    torch.testing.assert_close(y_auto, selective_scan(*args, impl="reference"), **TOL)
+    with pytest.raises(RuntimeError, match="impl='cuda'"):
+        selective_scan(*args, impl="cuda")  # CPU tensors: a clear error, not a silent fallback
+    with pytest.raises(ValueError, match="unknown"):
+        selective_scan(*args, impl="nope")
+    with pytest.raises(ValueError, match="B must be"):
+        selective_scan(t["u"], t["delta"], t["A"], t["B"][:, :, :2], t["C"])
