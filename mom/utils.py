@@ -180,7 +180,8 @@ class GenerateConfig:
     paths: PathsSchema = field(default_factory=PathsSchema)
     run_dir: Optional[str] = None
     model_dir: Optional[str] = None
-    prompt: str = ""
+    prompt: Any = ""  # a string, or a list of strings (decoded as a left-padded batch)
+    prompts: Optional[list[str]] = None  # several prompts (used instead of `prompt` when given)
     max_new_tokens: int = 128
     do_sample: bool = False
     temperature: float = 1.0
@@ -190,6 +191,15 @@ class GenerateConfig:
     use_cache: bool = True
     seed: int = 1337
     batch_size: int = 1
+    stop_at_eos: bool = True
+
+
+@dataclass
+class ExportConfig:
+    run_dir: Optional[str] = None
+    model_dir: Optional[str] = None  # default <run_dir>/model
+    format: str = "packed"
+    output_dir: Optional[str] = None  # default <run_dir>/model-<format> (or next to model_dir)
 
 
 _registered = False
@@ -206,6 +216,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
+    cs.store(name="export_schema", node=ExportConfig)
     if not OmegaConf.has_resolver("mom_root"):
         OmegaConf.register_new_resolver("mom_root", lambda: str(REPO_ROOT))
     _registered = True
@@ -250,7 +261,7 @@ def wandb_mode_offline() -> bool:
 
 
 __all__ = [
-    "CONF_DIR", "REPO_ROOT", "ConfigError", "EvalConfig", "GenerateConfig", "ModelSchema", "OptimizerSchema", "PathsSchema", "PrecisionKind",
+    "CONF_DIR", "REPO_ROOT", "ConfigError", "EvalConfig", "ExportConfig", "GenerateConfig", "ModelSchema", "OptimizerSchema", "PathsSchema", "PrecisionKind",
     "PrecisionSchema", "SchedulerSchema", "SlmSchema", "TrainConfig", "TrainerSchema", "compose",
     "model_config", "register_configs", "to_plain", "wandb_mode_offline",
 ]

@@ -1,0 +1,213 @@
+"""Generate text: ``python -m mom.generate run_dir=DIR prompt="This is the story of" [max_new_tokens=..]``.
+
+stdout gets exactly the prompt and its continuation, followed by a newline, written while the model decodes
+(generate's ``streamer`` callback; the new tokens' bytes go through an incremental UTF-8 decoder, so a
+character split over several byte-level BPE tokens is printed once it is complete). Nothing else goes to
+stdout: logs and errors go to stderr, Hydra writes no run folder.
+
+Several prompts (``prompts=[a,b]`` or ``prompt=[a,b]``) are decoded as left-padded batches of ``batch_size``
+with an attention mask; each greedy continuation equals the prompt decoded alone. A batch of one streams; a
+batch of several is written when it is done, its texts one after the other (each followed by a newline), so
+stdout then holds ``text_1\\n text_2\\n ...`` in prompt order.
+
+Refused with one line on stderr and a non-zero exit code (no traceback): an empty prompt, a prompt longer
+than the model's trained context (``max_position_embeddings``: attention has no positions, but the model has
+never seen longer contexts, so it is an error rather than a silent degradation), a missing run/model folder.
+``do_sample=true`` draws from a ``torch.Generator`` seeded with ``seed``: same seed, same text.
+:func:`generate_text` is the whole job as a plain function (tests call it in-process).
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import sys
+from typing import Any, TextIO
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from mom.eval import fail, load_model_and_tokenizer, plain_keys, resolve_model_dir, setup_stderr_logging
+from mom.model.generation import GenerationError
+from mom.utils import CONF_DIR, register_configs
+
+log = logging.getLogger("mom.generate")
+register_configs()
+
+_KEYS = ("run_dir", "model_dir", "prompt", "prompts", "max_new_tokens", "do_sample", "temperature", "top_k",
+         "top_p", "repetition_penalty", "use_cache", "seed", "batch_size", "stop_at_eos")
+
+
+class TextStream:
+    """Turns one sequence's new token ids into text as they arrive (exact bytes for byte-level BPE)."""
+
+    def __init__(self, tok):
+        from mom.data.tokenizer import _uses_byte_level
+
+        self.tok = tok
+        self.byte_level = _uses_byte_level(tok)
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.ids: list[int] = []
+        self.emitted = ""  # non-byte-level fallback: the text written so far
+
+    def push(self, ids: list[int]) -> str:
+        """New text completed by these ids."""
+        from mom.data.tokenizer import decoded_bytes
+
+        self.ids.extend(ids)
+        if self.byte_level:
+            return self.utf8.decode(decoded_bytes(self.tok, ids))
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete character: wait for the next token
+            return ""
+        new = text[len(self.emitted):] if text.startswith(self.emitted) else ""
+        self.emitted = text if new else self.emitted
+        return new
+
+    def finish(self) -> str:
+        if self.byte_level:
+            return self.utf8.decode(b"", final=True)
+        text = self.tok.decode(self.ids)
+        return text[len(self.emitted):] if text.startswith(self.emitted) else ""
+
+
+def prompt_list(cfg: dict[str, Any]) -> list[str]:
+    prompts = cfg.get("prompts")
+    if prompts is None:
+        prompts = cfg.get("prompt")
+    if prompts is None:
+        prompts = ""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = [str(p) for p in prompts]
+    if not prompts:
+        raise GenerationError("no prompt given: prompt=\"...\" or prompts=[...]")
+    return prompts
+
+
+def encode_prompts(tok, prompts: list[str], max_len: int) -> list[list[int]]:
+    encoded = []
+    for i, p in enumerate(prompts):
+        ids = tok.encode(p).ids
+        where = f"prompt {i + 1}" if len(prompts) > 1 else "prompt"
+        if not ids:
+            raise GenerationError(f"empty {where}: give at least one character of text")
+        if len(ids) > max_len:
+            raise GenerationError(f"{where} has {len(ids)} tokens, more than the model's trained context "
+                                  f"(max_position_embeddings={max_len})")
+        encoded.append(ids)
+    return encoded
+
+
+def left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, max_len), padding on the left."""
+    n = max(len(x) for x in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, x in enumerate(batch):
+        ids[i, n - len(x):] = torch.tensor(x, dtype=torch.long)
+        mask[i, n - len(x):] = 1
+    return ids, mask
+
+
+def _streamer(streams: list[TextStream], done: list[bool], pieces: list[list[str]], live: TextIO | None,
+              eos_id: int | None):
+    """generate's callback: each step's new ids (B,) -> text pieces per sequence (written to ``live``)."""
+
+    def streamer(nxt: torch.Tensor) -> None:
+        for i, t in enumerate(nxt.tolist()):
+            if done[i]:
+                continue
+            if eos_id is not None and t == eos_id:
+                done[i] = True
+                continue
+            piece = streams[i].push([t])
+            if piece:
+                pieces[i].append(piece)
+                if live is not None:
+                    live.write(piece)
+                    live.flush()
+
+    return streamer
+
+
+@torch.no_grad()
+def generate_text(cfg: Any, out: TextIO | None = sys.stdout, model=None, tok=None) -> list[str]:
+    """Generate a continuation of every prompt of ``cfg`` (a generate config: DictConfig or dict).
+
+    Writes prompt + continuation + newline for each prompt to ``out`` (streamed for a batch of one) and
+    returns those texts (without the newline). ``model``/``tok`` skip loading (benchmarks, tests).
+    """
+    from mom.data.tokenizer import special_token_ids
+
+    cfg = plain_keys(cfg, _KEYS)
+    if model is None or tok is None:
+        model_dir = resolve_model_dir(cfg.get("run_dir"), cfg.get("model_dir"), error=GenerationError)
+        model, tok = load_model_and_tokenizer(model_dir, error=GenerationError)
+    config = model.config
+    prompts = prompt_list(cfg)
+    encoded = encode_prompts(tok, prompts, config.max_position_embeddings)
+    max_new = int(cfg.get("max_new_tokens", 128))
+    if max_new < 0:
+        raise GenerationError(f"max_new_tokens must be >= 0, got {max_new}")
+    special = special_token_ids(tok)
+    pad_id = special["pad"] if special["pad"] is not None else (config.pad_token_id or 0)
+    eos_id = special["eos"] if cfg.get("stop_at_eos", True) else None
+    generator = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
+    bs = max(1, int(cfg.get("batch_size") or 1))
+    texts: list[str] = []
+    for start in range(0, len(encoded), bs):
+        chunk, chunk_prompts = encoded[start:start + bs], prompts[start:start + bs]
+        ids, mask = left_pad(chunk, pad_id)
+        streams = [TextStream(tok) for _ in chunk]
+        done = [False] * len(chunk)
+        pieces: list[list[str]] = [[p] for p in chunk_prompts]
+        live = out is not None and len(chunk) == 1
+        if live:
+            out.write(chunk_prompts[0])
+            out.flush()
+
+        streamer = _streamer(streams, done, pieces, out if live else None, eos_id)
+        if max_new > 0:
+            model.generate(ids, max_new_tokens=max_new, attention_mask=mask if len(chunk) > 1 else None,
+                           do_sample=bool(cfg.get("do_sample", False)), temperature=float(cfg.get("temperature", 1.0)),
+                           top_k=cfg.get("top_k"), top_p=cfg.get("top_p"),
+                           repetition_penalty=float(cfg.get("repetition_penalty", 1.0)), eos_token_id=eos_id,
+                           pad_token_id=pad_id, use_cache=bool(cfg.get("use_cache", True)), generator=generator,
+                           streamer=streamer)
+        for i, s in enumerate(streams):
+            tail = s.finish()
+            if tail:
+                pieces[i].append(tail)
+                if live:
+                    out.write(tail)
+        chunk_texts = ["".join(p) for p in pieces]
+        if out is not None:
+            if live:
+                out.write("\n")
+            else:
+                for t in chunk_texts:
+                    out.write(t + "\n")
+            out.flush()
+        texts.extend(chunk_texts)
+    return texts
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
+def main(cfg: DictConfig) -> None:
+    setup_stderr_logging(logging.WARNING)
+    from mom.data.corpus import DataError
+    from mom.model.config import ConfigError
+
+    try:
+        generate_text(cfg, out=sys.stdout)
+    except (GenerationError, DataError, ConfigError, FileNotFoundError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+        fail("interrupted", code=130)
+
+
+if __name__ == "__main__":
+    main()

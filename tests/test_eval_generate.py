@@ -1,0 +1,235 @@
+"""mom.eval and mom.generate on a tiny run folder built directly (no Lightning training).
+
+The run folder is what mom.train leaves: ``model/`` (save_pretrained + tokenizer.json) and ``.hydra/config.yaml``
+(whose ``data`` node eval rebuilds). The model is untrained; what is checked is plumbing and exactness.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mom.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe
+from mom.model import MoMConfig, MoMForCausalLM
+
+REPO = Path(__file__).resolve().parent.parent
+# tiny models: one thread is faster (and does not stall when other jobs load the cores)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+_WORDS = ("the king and his queen walked slowly through the garden while a fool sang of summer rain "
+          "café naïve Ünïcödé — 日本語 and émigré words ✓ ").split()
+
+
+def corpus_text(seed: int, n_words: int) -> str:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(_WORDS), (n_words,), generator=g).tolist()
+    lines, line = [], []
+    for i in idx:
+        line.append(_WORDS[i])
+        if len(line) == 9:
+            lines.append(" ".join(line) + ".")
+            line = []
+    return "\n".join(lines) + "\n"
+
+
+def tiny_config(vocab_size: int, **kw) -> MoMConfig:
+    base = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                mamba_d_state=8, max_position_embeddings=64, precision={"attention": "bf16"})
+    base.update(kw)
+    return MoMConfig(**base)
+
+
+def make_run(root: Path, *, seed: int = 0, precision: str | dict | None = None, **model_kw) -> Path:
+    """A run folder: model/ (config, weights, tokenizer) and .hydra/config.yaml with a local-text data node."""
+    from mom.model import PRECISION_PRESETS
+
+    run = root / "run"
+    data = root / "text"
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "train.txt").write_text(corpus_text(1, 1500), encoding="utf-8")
+    (data / "val.txt").write_text(corpus_text(2, 400), encoding="utf-8")
+    tok = train_bpe([(data / "train.txt").read_text(encoding="utf-8")], 320, min_frequency=2)
+    V = tok.get_vocab_size(with_added_tokens=True)
+    prec = PRECISION_PRESETS[precision] if isinstance(precision, str) else (precision or PRECISION_PRESETS["attn_bf16"])
+    torch.manual_seed(seed)
+    model = MoMForCausalLM(tiny_config(V, precision=prec, **model_kw))
+    with torch.no_grad():  # a less uniform random model: more varied greedy continuations
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "router" in name:
+                p.normal_(0, 0.5)
+            elif "embed_tokens" in name:
+                p.normal_(0, 1.0)
+            elif "lm_head" in name:
+                p.normal_(0, 0.2)
+    model.save_pretrained(run / "model")
+    save_tokenizer(tok, run / "model" / "tokenizer.json")
+    (run / ".hydra").mkdir(parents=True)
+    data_cfg = {"_target_": "mom.data.datamodule.MoMDataModule", "source": "text",
+                "paths": [str(data / "train.txt")], "val_paths": [str(data / "val.txt")],
+                "tokenizer": {"vocab_size": 320, "min_frequency": 2, "path": None, "name": None},
+                "seq_len": 32, "batch_size": 4, "cache_dir": str(root / "cache"), "seed": 0}
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"data": data_cfg, "seed": 0}))
+    return run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("evalgen"), mod_enabled=True)
+
+
+def _model(run: Path):
+    return MoMForCausalLM.from_pretrained(run / "model"), load_tokenizer(path=run / "model" / "tokenizer.json")
+
+
+# ----------------------------------------------------------------------------------------------- eval
+def test_eval_json_and_bpb_consistency(run):
+    from mom.eval import evaluate
+
+    buf = io.StringIO()
+    m = evaluate({"run_dir": str(run), "max_seq_length": 32, "batch_size": 4}, out=buf)
+    lines = buf.getvalue().strip().splitlines()
+    last = json.loads(lines[-1])
+    assert {"loss", "perplexity", "bpb", "tokens", "bytes"} <= set(last)
+    assert "bits per byte" in buf.getvalue()
+    assert last["tokens"] == m["tokens"] > 0
+    assert math.isclose(last["perplexity"], math.exp(last["loss"]), rel_tol=1e-9)
+    assert math.isclose(last["bpb"], last["loss"] * last["tokens"] / (math.log(2) * last["bytes"]), rel_tol=1e-9)
+    # the bytes scored are the validation text's bytes of the scored windows
+    val = (run.parent / "text" / "val.txt").read_text(encoding="utf-8")
+    assert 0 < last["bytes"] <= len(val.encode())
+    # against a direct computation on the same windows
+    model, tok = _model(run)
+    ids = torch.tensor(tok.encode(val).ids)
+    n_win = (len(ids) - 1) // 31
+    windows = torch.stack([ids[i * 31: i * 31 + 32] for i in range(n_win)])
+    with torch.no_grad():
+        direct = model(windows, labels=windows).lm_loss.item()
+    assert abs(direct - last["loss"]) < 1e-4, (direct, last["loss"])
+
+
+def test_eval_refuses_tokenizer_of_another_vocab(run, tmp_path):
+    import shutil
+
+    from mom.eval import EvalError, evaluate
+
+    other = tmp_path / "model"
+    shutil.copytree(run / "model", other)
+    tok = train_bpe([corpus_text(3, 800)], 290, min_frequency=1)
+    assert tok.get_vocab_size() != MoMConfig.load(other / "config.json").vocab_size
+    save_tokenizer(tok, other / "tokenizer.json")
+    with pytest.raises(EvalError, match="tokenizer .* has 2\\d\\d tokens but the model's vocab_size is"):
+        evaluate({"run_dir": str(run), "model_dir": str(other), "max_seq_length": 32})
+
+
+def test_eval_cli_last_line_is_json(run):
+    p = subprocess.run([sys.executable, "-m", "mom.eval", f"run_dir={run}", "max_seq_length=32"],
+                       capture_output=True, text=True, cwd=REPO, timeout=120, env=ENV)
+    assert p.returncode == 0, p.stderr
+    last = json.loads(p.stdout.strip().splitlines()[-1])
+    assert last["tokens"] > 0 and last["bpb"] > 0
+
+
+# ----------------------------------------------------------------------------------------------- generate
+def _cfg(run: Path, **kw):
+    return {"run_dir": str(run), "max_new_tokens": 24, "do_sample": False, "use_cache": True, "seed": 0,
+            "batch_size": 8, "stop_at_eos": True, **kw}
+
+
+def test_generate_cli_stdout_is_exactly_prompt_and_continuation(run, tmp_path):
+    model, tok = _model(run)
+    prompt = "the king café"
+    ids = torch.tensor([tok.encode(prompt).ids])
+    ref = model.generate(ids, max_new_tokens=24, eos_token_id=2, pad_token_id=0)
+    expected = tok.decode(ref[0].tolist()) + "\n"
+    assert expected.startswith(prompt)
+    p = subprocess.run([sys.executable, "-m", "mom.generate", f"run_dir={run}", f"prompt='{prompt}'",
+                        "max_new_tokens=24"], capture_output=True, cwd=tmp_path, timeout=120, env=ENV)
+    assert p.returncode == 0, p.stderr.decode()
+    assert p.stdout.decode("utf-8") == expected
+    assert list(tmp_path.iterdir()) == []  # no run folder, no log file
+
+
+def test_generate_streams_pieces_and_matches_model_generate(run):
+    model, tok = _model(run)
+    buf = io.StringIO()
+    texts = generate_cfg(run, buf, prompt="a fool sang", use_cache=False, max_new_tokens=12)
+    ref = model.generate(torch.tensor([tok.encode("a fool sang").ids]), max_new_tokens=12, eos_token_id=2,
+                         use_cache=False)
+    assert texts == [tok.decode(ref[0].tolist())]
+    assert buf.getvalue() == texts[0] + "\n"
+
+
+def generate_cfg(run, out, **kw):
+    from mom.generate import generate_text
+
+    return generate_text(_cfg(run, **kw), out=out)
+
+
+def test_batch_with_left_padding_equals_each_prompt_alone(run):
+    from mom.generate import prompt_list
+
+    prompts = ["the king and his queen walked slowly", "日本語", "a fool sang of summer rain while"]
+    buf = io.StringIO()
+    batch = generate_cfg(run, buf, prompt=prompts, max_new_tokens=12)  # prompt given as a list
+    assert buf.getvalue() == "".join(t + "\n" for t in batch)
+    alone = [generate_cfg(run, None, prompt=p, max_new_tokens=12)[0] for p in prompts]
+    assert batch == alone
+    assert all(t.startswith(p) for t, p in zip(batch, prompts, strict=True))
+    assert prompt_list({"prompts": prompts, "prompt": "ignored"}) == prompts
+
+
+def test_sampling_is_reproducible_with_seed(run):
+    kw = dict(prompt=["the garden", "rain"], do_sample=True, temperature=1.5, top_k=50, max_new_tokens=12)
+    a = generate_cfg(run, None, seed=3, **kw)
+    b = generate_cfg(run, None, seed=3, **kw)
+    assert a == b
+    c = generate_cfg(run, None, seed=4, **kw)
+    assert c != a
+
+
+@pytest.mark.parametrize("args,message", [
+    (["prompt=''"], "empty prompt"),
+    (["run_dir=/nonexistent/run"], "run_dir not found"),
+])
+def test_generate_errors_are_one_line(run, args, message, tmp_path):
+    argv = [sys.executable, "-m", "mom.generate", f"run_dir={run}", "max_new_tokens=4"] + args
+    p = subprocess.run(argv, capture_output=True, text=True, cwd=tmp_path, timeout=120, env=ENV)
+    assert p.returncode != 0
+    assert p.stdout == ""
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and message in err[0], p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_generate_errors_in_process(run, tmp_path):
+    from mom.generate import generate_text
+    from mom.model.generation import GenerationError
+
+    with pytest.raises(GenerationError, match="empty prompt"):
+        generate_text(_cfg(run, prompt=""), out=None)
+    with pytest.raises(GenerationError, match="trained context"):
+        generate_text(_cfg(run, prompt="the king " * 60), out=None)
+    with pytest.raises(GenerationError, match="no model/ folder"):
+        generate_text(_cfg(tmp_path, prompt="x"), out=None)
+    with pytest.raises(GenerationError, match="model_dir not found"):
+        generate_text(_cfg(run, model_dir=str(tmp_path / "nope"), prompt="x"), out=None)
+    with pytest.raises(GenerationError, match="run_dir not found"):
+        generate_text(_cfg(tmp_path / "nope", prompt="x"), out=None)
