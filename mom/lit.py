@@ -110,7 +110,8 @@ class MoMLitModule(L.LightningModule):
         summary = parameter_summary(self.model)
         flat = _flat_numbers(summary)
         if self.trainer.is_global_zero:
-            log.info("parameters: %s", ", ".join(f"{k}={v:,.0f}" for k, v in flat.items()))
+            log.info("parameters: %s", ", ".join(f"{k}={v:,.0f}" if v >= 100 else f"{k}={v:.3g}"
+                                                  for k, v in flat.items()))
         for logger in self.loggers:
             logger.log_hyperparams({f"params/{k}": v for k, v in flat.items()})
         self._t_last = None

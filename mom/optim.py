@@ -177,3 +177,33 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     for state in optimizer.state.values():
         add(state)
     return total
+
+
+def _main(argv: list[str] | None = None) -> None:
+    """``python -m mom.optim [MODEL] [key=value ...]``: optimizer-state bytes of adamw vs galore_adamw
+    after 3 steps (batch 2 x 32) on a model of conf/model (default jamba_mini, all high precision)."""
+    import sys
+
+    from mom.model import MoMForCausalLM
+    from mom.utils import compose, model_config
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    model_name = args.pop(0) if args and "=" not in args[0] else "jamba_mini"
+    for opt_name in ("adamw", "galore_adamw"):
+        cfg = compose("train", [f"model={model_name}", "precision=bf16", f"optimizer={opt_name}", *args,
+                                "paths.run_dir=/tmp/mom-optim"])
+        torch.manual_seed(0)
+        model = MoMForCausalLM(model_config(cfg.model, cfg.precision))
+        opt = build_optimizer(model, cfg.optimizer)
+        ids = torch.randint(0, cfg.model.vocab_size, (2, 32))
+        for _ in range(3):
+            model(ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        n = sum(p.numel() for p in model.parameters())
+        b = optimizer_state_bytes(opt)
+        print(f"{model_name} {opt_name:13s} state {b / 2**20:8.2f} MiB  {b / n:5.2f} bytes/param  ({n:,} params)")
+
+
+if __name__ == "__main__":
+    _main()

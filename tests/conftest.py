@@ -60,7 +60,7 @@ TINY_RUN = [
 ]
 
 
-def small_model_overrides(experiment: str | None = None) -> list[str]:
+def small_model_overrides() -> list[str]:
     """jamba_tiny-sized overrides that keep an experiment's mixtures valid (MoA: top_k * kv = heads)."""
     heads = ["model.num_attention_heads=4", "model.num_key_value_heads=2"]
     moa = ["model.moa_num_experts=4", "model.moa_top_k=2"]
@@ -71,7 +71,7 @@ def small_model_overrides(experiment: str | None = None) -> list[str]:
 
 def tiny_overrides(run_dir: Path | str, experiment: str | None = None) -> list[str]:
     ovr = [f"experiment={experiment}"] if experiment else ["model=jamba_tiny"]
-    return ovr + small_model_overrides(experiment) + TINY_RUN + [f"paths.run_dir={run_dir}"]
+    return ovr + small_model_overrides() + TINY_RUN + [f"paths.run_dir={run_dir}"]
 
 
 @pytest.fixture(scope="session")
