@@ -14,7 +14,13 @@ from tests.test_model import MIXTURES, V, build
 @pytest.mark.parametrize("precision", list(PRECISION_PRESETS))
 @pytest.mark.parametrize("mod,moa,mhmoe", MIXTURES)
 def test_cached_steps_equal_full_forward(mod, moa, mhmoe, precision):
-    model = build(mod=mod, moa=moa, mhmoe=mhmoe, precision=precision).eval()
+    # Ternary layers multiply integers (exact whatever the batch shape, see BitLinear) and routers break
+    # ties by index (stable_top_k). What is left is float noise from high-precision layers of another shape
+    # (prefill vs one-token step): in fp32 it can still push an activation across an int8 rounding boundary
+    # of a following ternary layer, a float effect, not a cache bug. So presets with ternary layers are
+    # checked in float64 (agreement ~1e-16), the bf16 preset in fp32; greedy tokens are checked in fp32 below.
+    dtype = torch.float32 if precision == "bf16" else torch.float64
+    model = build(mod=mod, moa=moa, mhmoe=mhmoe, precision=precision).eval().to(dtype)
     ids = torch.randint(0, V, (2, 14))
     with torch.no_grad():
         full = model(ids).logits

@@ -13,7 +13,7 @@ from torch import nn
 from mom.model.bitlinear import make_linear
 from mom.model.cache import AttentionState
 from mom.model.config import MoMConfig
-from mom.model.experts import expert_map, load_balance_loss, load_max, top_k_routing, z_loss
+from mom.model.experts import expert_map, load_balance_loss, load_max, stable_top_k, z_loss
 
 
 def with_cache(k, v, key_valid, state: AttentionState | None):
@@ -94,7 +94,7 @@ class MixtureOfAttention(nn.Module):
 
     def route(self, x):
         logits = self.router(x).float()
-        top_logits, top_i = torch.topk(logits, self.top_k, dim=-1)
+        top_logits, top_i = stable_top_k(logits, self.top_k)
         gates = F.softmax(top_logits, dim=-1)
         return logits, gates, top_i
 

@@ -33,16 +33,21 @@ _WEIGHT_EPS = 1e-5
 
 
 # --------------------------------------------------------------------------- quantisers (fp32, no autograd)
+def _fp32_or_wider(t: torch.Tensor) -> torch.Tensor:
+    """Quantisation math runs in fp32, or fp64 for an fp64 model (used to test exactness without float noise)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def weight_scale(w: torch.Tensor) -> torch.Tensor:
     """gamma = mean|W| (per tensor), clamped at 1e-5; fp32 0-dim tensor."""
-    w = w.detach().float()
+    w = _fp32_or_wider(w.detach())
     # (torch.linalg.vector_norm is unvectorised on CPU for ord=1/inf: ~5-20x slower than abs().sum())
     return w.abs().sum().div_(max(w.numel(), 1)).clamp_min_(_WEIGHT_EPS)
 
 
 def ternarize(w: torch.Tensor, gamma: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(clamp(round(W / gamma), -1, 1) as fp32 values in {-1, 0, 1}, gamma)."""
-    w = w.detach().float()
+    w = _fp32_or_wider(w.detach())
     if gamma is None:
         gamma = weight_scale(w)
     t = torch.div(w, gamma)
@@ -56,7 +61,7 @@ def act_quant_int(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns ``(x_int, s)``: ``x_int`` fp32 with integer values in [-128, 127] and the per-token scale
     ``s = 127 / max|x|`` (shape ``x.shape[:-1] + (1,)``), so the dequantised activation is ``x_int / s``.
     """
-    x = x.detach().float()
+    x = _fp32_or_wider(x.detach())
     amax = torch.maximum(x.amax(-1, keepdim=True), x.amin(-1, keepdim=True).neg_()).clamp_min_(_ACT_EPS)
     s = torch.div(127.0, amax)
     x_int = torch.mul(x, s)
@@ -91,11 +96,11 @@ def rms_norm_parts(x: torch.Tensor, norm_weight: torch.Tensor, eps: float):
     """``mom.model.norm.RMSNorm`` written out: returns ``(xhat, r, xn)`` with ``r = rsqrt(mean(x^2) + eps)``
     (fp32, per token), ``xhat = (x * r)`` cast to ``x.dtype`` and ``xn = norm_weight * xhat`` (the norm's
     output). Shared by BitLinear and PackedTernaryLinear so both quantise bit-identical activations."""
-    xf = x.float()
+    xf = _fp32_or_wider(x)
     # vector_norm(ord=2) is one vectorised pass (x.pow(2).mean() is two, with an allocation)
     r = torch.linalg.vector_norm(xf, 2, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
     xhat = xf * r
-    if x.dtype != torch.float32:
+    if x.dtype != xf.dtype:
         xhat = xhat.to(x.dtype)
     return xhat, r, norm_weight * xhat
 
@@ -120,15 +125,19 @@ class _BitLinearFn(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                 bias: torch.Tensor | None, cdtype: torch.dtype) -> torch.Tensor:
         xhat, r, xn = rms_norm_parts(x, norm_weight, eps)
-        x_q = act_quant(xn)  # fp32
-        w_q, gamma = ternarize(weight)
-        w_q.mul_(gamma)
-        if cdtype != torch.float32:
-            x_q = x_q.to(cdtype)
-            w_q = w_q.to(cdtype)
-        b = bias.to(cdtype) if bias is not None else None
+        x_int, s = act_quant_int(xn)  # integers in [-128, 127], per-token scale
+        t, gamma = ternarize(weight)  # {-1, 0, 1}, per-tensor scale
+        # Integer operands: the matmul's sums are exact in fp32 (|sum| <= 128 * K < 2^24), so the result
+        # does not depend on the summation order, i.e. on the batch shape or kernel: a token's output is the
+        # same bits whether it is decoded alone or inside a batch. Chained ternary layers need that: integer
+        # ratios put activations exactly on rounding boundaries, where float noise would pick the side.
+        scale = gamma / s  # (..., 1)
         with torch.autocast(x.device.type, enabled=False):
-            y = F.linear(x_q, w_q, b)
+            y = F.linear(x_int.to(cdtype), t.to(cdtype)).mul_(scale.to(cdtype))
+            if bias is not None:
+                y = y.add_(bias.to(cdtype))
+        x_q = x_int.div_(s).to(cdtype)  # the dequantised operands, for the straight-through backward
+        w_q = t.mul_(gamma).to(cdtype)
         ctx.save_for_backward(xhat, r, norm_weight, x_q, w_q)
         ctx.has_bias = bias is not None
         ctx.meta = (x.dtype, xn.dtype, norm_weight.dtype, weight.dtype, bias.dtype if bias is not None else None)

@@ -24,6 +24,17 @@ def expert_map(x: torch.Tensor, expert_idx: torch.Tensor, experts: Sequence[Call
     return y
 
 
+def stable_top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k over the last dim with ties broken towards the lower index, whatever the batch shape.
+
+    Ternary routers produce integer-valued logits (int8 activations . ternary weights, times scales), so
+    exact ties are common; ``torch.topk`` may order them differently for different batch sizes, which
+    would make a token's routing depend on what else is in the batch (and cached decoding differ from the
+    full forward)."""
+    values, indices = torch.sort(x, dim=-1, descending=True, stable=True)
+    return values[..., :k], indices[..., :k]
+
+
 def top_k_routing(logits: torch.Tensor, k: int, normalize: bool):
     """Softmax router. Returns (probs (N,E) fp32, top weights (N,k) fp32, top indices (N,k)).
 
@@ -31,7 +42,7 @@ def top_k_routing(logits: torch.Tensor, k: int, normalize: bool):
     renormalisation, what transformers' Jamba does); ``True`` renormalises them over the k chosen.
     """
     probs = F.softmax(logits.float(), dim=-1)
-    top_w, top_i = torch.topk(probs, k, dim=-1)
+    top_w, top_i = stable_top_k(probs, k)
     if normalize:
         top_w = top_w / top_w.sum(-1, keepdim=True)
     return probs, top_w, top_i

@@ -46,6 +46,11 @@ CHUNK_SIZE = 16
 
 _F32 = torch.float32
 
+
+def _acc(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: float32, or float64 for float64 inputs (exactness tests without float noise)."""
+    return torch.float64 if t.dtype == torch.float64 else _F32
+
 # --------------------------------------------------------------------------------------------------------
 # optional kernels
 # --------------------------------------------------------------------------------------------------------
@@ -110,9 +115,9 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state):
 
 def _dt(delta, delta_bias, delta_softplus):
     """Returns (pre-activation, dt), both float32 (b, d, l)."""
-    pre = delta.to(_F32)
+    pre = delta.to(_acc(delta))
     if delta_bias is not None:
-        pre = pre + delta_bias.to(_F32)[:, None]
+        pre = pre + delta_bias.to(_acc(delta_bias))[:, None]
     dt = F.softplus(pre) if delta_softplus else pre
     return pre, dt
 
@@ -129,8 +134,8 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         b, d, L = u.shape
         n = A.shape[1]
         _, dt = _dt(delta, delta_bias, delta_softplus)
-        uf, Af, Bf, Cf = u.to(_F32), A.to(_F32), B.to(_F32), C.to(_F32)
-        h = initial_state.to(_F32) if initial_state is not None else u.new_zeros((b, d, n), dtype=_F32)
+        uf, Af, Bf, Cf = u.to(_acc(u)), A.to(_acc(A)), B.to(_acc(B)), C.to(_acc(C))
+        h = initial_state.to(_acc(initial_state)) if initial_state is not None else u.new_zeros((b, d, n), dtype=_acc(u))
         ys = []
         for dt_t, u_t, B_t, C_t in zip(dt.unbind(2), uf.unbind(2), Bf.unbind(2), Cf.unbind(2), strict=True):
             dA = torch.exp(dt_t[:, :, None] * Af)  # (b, d, n)
@@ -138,9 +143,9 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
             ys.append((h * C_t[:, None, :]).sum(-1))
         y = torch.stack(ys, dim=-1)
         if D is not None:
-            y = y + D.to(_F32)[:, None] * uf
+            y = y + D.to(_acc(D))[:, None] * uf
         if z is not None:
-            y = y * F.silu(z.to(_F32))
+            y = y * F.silu(z.to(_acc(z)))
         y = y.to(out_dtype)
     return (y, h) if return_last_state else y
 
@@ -170,7 +175,7 @@ def _chunk_states(dt_t, u_t, B_t, Af, h0, s, e, dA_buf, hs_buf):
 
 def _time_major(x):
     """(b, k, l) -> contiguous float32 (l, b, k)."""
-    return x.to(_F32).permute(2, 0, 1).contiguous()
+    return x.to(_acc(x)).permute(2, 0, 1).contiguous()
 
 
 class _SelectiveScanFn(torch.autograd.Function):
@@ -181,11 +186,11 @@ class _SelectiveScanFn(torch.autograd.Function):
             n = A.shape[1]
             _, dt = _dt(delta, delta_bias, delta_softplus)
             dt_t, u_t, B_t, C_t = _time_major(dt), _time_major(u), _time_major(B), _time_major(C)
-            Af = A.to(_F32)
-            h = initial_state.to(_F32) if initial_state is not None else None
-            ys = torch.empty((L, b, d), dtype=_F32, device=u.device)
+            Af = A.to(_acc(A))
+            h = initial_state.to(_acc(initial_state)) if initial_state is not None else None
+            ys = torch.empty((L, b, d), dtype=_acc(u), device=u.device)
             work = min(chunk, L)
-            dA_buf = torch.empty((work, b, d, n), dtype=_F32, device=u.device)
+            dA_buf = torch.empty((work, b, d, n), dtype=_acc(u), device=u.device)
             hs_buf = torch.empty_like(dA_buf)
             starts = []
             for s in range(0, L, chunk):
@@ -198,17 +203,17 @@ class _SelectiveScanFn(torch.autograd.Function):
             y = ys.permute(1, 2, 0).contiguous()  # (b, d, l)
             del ys
             if D is not None:
-                y = y + D.to(_F32)[:, None] * u.to(_F32)
+                y = y + D.to(_acc(D))[:, None] * u.to(_acc(u))
             y_pre = y
             if z is not None:
-                y = y * F.silu(z.to(_F32))
+                y = y * F.silu(z.to(_acc(z)))
             y_out = y.to(u.dtype)
             last = h
 
             # chunk-start states for the backward (the first one is the initial state or zeros)
             st = None
             if any(ctx.needs_input_grad):
-                zero = u.new_zeros((b, d, n), dtype=_F32) if initial_state is None else None
+                zero = u.new_zeros((b, d, n), dtype=_acc(u)) if initial_state is None else None
                 st = torch.stack([x if x is not None else zero for x in starts])
             del starts
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, st,
@@ -229,14 +234,14 @@ class _SelectiveScanFn(torch.autograd.Function):
             n = A.shape[1]
             chunk = ctx.chunk
             pre, dt = _dt(delta, delta_bias, ctx.delta_softplus)
-            uf = u.to(_F32)
+            uf = u.to(_acc(u))
             gu = gdelta = gA = gB = gC = gD = gz = gbias = gh0 = None
 
             if gy is None:
-                gy = torch.zeros((b, d, L), dtype=_F32, device=u.device)
-            gy = gy.to(_F32)
+                gy = torch.zeros((b, d, L), dtype=_acc(u), device=u.device)
+            gy = gy.to(_acc(gy))
             if z is not None:
-                zf = z.to(_F32)
+                zf = z.to(_acc(z))
                 sz = torch.sigmoid(zf)
                 if need[6]:
                     gz = gy * y_pre * sz * (1 + zf * (1 - sz))
@@ -248,20 +253,20 @@ class _SelectiveScanFn(torch.autograd.Function):
             if need_g or need[4]:
                 dt_t, u_t, B_t, C_t = _time_major(dt), _time_major(u), _time_major(B), _time_major(C)
                 gy_t = gy.permute(2, 0, 1).contiguous()  # (l, b, d)
-                Af = A.to(_F32)
-                gC_t = torch.empty((L, b, n), dtype=_F32, device=u.device) if need[4] else None
+                Af = A.to(_acc(A))
+                gC_t = torch.empty((L, b, n), dtype=_acc(u), device=u.device) if need[4] else None
                 if need_g:
-                    gB_t = torch.empty((L, b, n), dtype=_F32, device=u.device) if need[3] else None
-                    sGB_t = torch.empty((L, b, d), dtype=_F32, device=u.device)  # sum_n G * B
-                    gdt_t = torch.empty((L, b, d), dtype=_F32, device=u.device)  # via dA
-                    gAf = torch.zeros((d, n), dtype=_F32, device=u.device) if need[2] else None
-                carry = glast.to(_F32) if glast is not None else None
+                    gB_t = torch.empty((L, b, n), dtype=_acc(u), device=u.device) if need[3] else None
+                    sGB_t = torch.empty((L, b, d), dtype=_acc(u), device=u.device)  # sum_n G * B
+                    gdt_t = torch.empty((L, b, d), dtype=_acc(u), device=u.device)  # via dA
+                    gAf = torch.zeros((d, n), dtype=_acc(u), device=u.device) if need[2] else None
+                carry = glast.to(_acc(glast)) if glast is not None else None
                 work = min(chunk, L)
-                dA_buf = torch.empty((work, b, d, n), dtype=_F32, device=u.device)
+                dA_buf = torch.empty((work, b, d, n), dtype=_acc(u), device=u.device)
                 hs_buf = torch.empty_like(dA_buf)
                 tmp_buf = torch.empty_like(dA_buf)
                 G_buf = torch.empty_like(dA_buf) if need_g else None
-                carry_buf = torch.empty((b, d, n), dtype=_F32, device=u.device)
+                carry_buf = torch.empty((b, d, n), dtype=_acc(u), device=u.device)
                 n_chunks = (L + chunk - 1) // chunk
                 for c in range(n_chunks - 1, -1, -1):
                     s = c * chunk
@@ -323,7 +328,7 @@ class _SelectiveScanFn(torch.autograd.Function):
                     gC = gC_t.permute(1, 2, 0).contiguous().to(C.dtype)
             if need[0]:
                 if D is not None:
-                    du = gy * D.to(_F32)[:, None]
+                    du = gy * D.to(_acc(D))[:, None]
                     gu = du if gu is None else gu + du
                 if gu is None:
                     gu = torch.zeros_like(uf)
@@ -356,7 +361,7 @@ def _cuda_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_
              return_last_state=return_last_state)
     if return_last_state:
         y, last = out
-        return y, last.to(_F32)
+        return y, last.to(_acc(last))
     return out
 
 
@@ -411,18 +416,18 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     if step is not None and state.is_cuda and x.is_cuda:  # pragma: no cover - needs CUDA
         return step(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
     with _no_autocast(x.device.type):
-        dtf = dt.to(_F32)
+        dtf = dt.to(_acc(dt))
         if dt_bias is not None:
-            dtf = dtf + dt_bias.to(_F32)
+            dtf = dtf + dt_bias.to(_acc(dt_bias))
         if dt_softplus:
             dtf = F.softplus(dtf)
-        xf = x.to(_F32)
-        dA = torch.exp(dtf[:, :, None] * A.to(_F32))
-        h = state.to(_F32) * dA + (dtf * xf)[:, :, None] * B.to(_F32)[:, None, :]
+        xf = x.to(_acc(x))
+        dA = torch.exp(dtf[:, :, None] * A.to(_acc(A)))
+        h = state.to(_acc(state)) * dA + (dtf * xf)[:, :, None] * B.to(_acc(B))[:, None, :]
         state.copy_(h)
-        y = (h * C.to(_F32)[:, None, :]).sum(-1)
+        y = (h * C.to(_acc(C))[:, None, :]).sum(-1)
         if D is not None:
-            y = y + D.to(_F32) * xf
+            y = y + D.to(_acc(D)) * xf
         if z is not None:
-            y = y * F.silu(z.to(_F32))
+            y = y * F.silu(z.to(_acc(z)))
     return y.to(x.dtype)
