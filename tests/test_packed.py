@@ -179,3 +179,16 @@ def test_pack_model_keeps_tied_weights():
 
     m = pack_model(Tied())
     assert isinstance(m.head, BitLinear) and isinstance(m.mid, PackedTernaryLinear)
+
+
+def test_exact_kernel_gives_bitlinear_bits():
+    """Same integer sums, same scaling order: packed and unpacked layers agree bit for bit, so a deep packed
+    model makes the same rounding decisions (and greedy tokens) as the unpacked one."""
+    torch.manual_seed(0)
+    for fin, fout in ((64, 96), (130, 70)):
+        bl = BitLinear(fin, fout, bias=True).eval()
+        packed = PackedTernaryLinear.from_bitlinear(bl)
+        for m in (1, 5, 64):
+            x = torch.randn(m, fin)
+            with torch.no_grad():
+                assert torch.equal(packed(x), bl(x)), (fin, fout, m, packed.resolved_kernel(x.device))

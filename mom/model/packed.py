@@ -21,10 +21,9 @@ be copied, moved or pickled; the cache is keyed on the packed weight's storage a
 
 ``onednn`` (CPU default)
     ``torch.ops.onednn.qlinear_pointwise``: u8 activations (``x_int + 128``, zero point 128) times s8 ternary
-    weights (prepacked by ``onednn.qlinear_prepack``), int32 accumulation, fp32 output ``acc * gamma``.
-    Exact product (no saturation: without VNNI the u8 x s8 pair sums stay <= 510 in int16), so the output
-    differs from BitLinear's fp32 ``F.linear`` by fp32 rounding only (max relative error ~1e-7, measured
-    at M=1..300). Measured on the 2-core dev machine (AVX-512, no VNNI) at K=N=2048, 1 thread: the whole
+    weights (prepacked by ``onednn.qlinear_prepack``), int32 accumulation, fp32 output (the exact integer
+    sums), then ``* (gamma / s)`` in the order BitLinear uses. Exact product (no saturation: without VNNI
+    the u8 x s8 pair sums stay <= 510 in int16), so the output equals BitLinear's bit for bit (tested). Measured on the 2-core dev machine (AVX-512, no VNNI) at K=N=2048, 1 thread: the whole
     layer (norm + quantisation + kernel) is 2.1x / 5.5x / 3.1x faster than a bare fp32 ``F.linear`` at
     M = 1 / 8 / 256 (the kernel alone ~5-9x at M=1), so it is used at every M: unlike the bf16 kernels below it
     does not lose to fp32 mm at prefill sizes, and no per-M switch is needed.
@@ -196,11 +195,12 @@ class PackedTernaryLinear(nn.Module):
             return hit[1]
         t = self.ternary_weight()
         n, k = t.shape
-        gamma = ws.float()
         if kernel == "onednn":
             if t.device.type != "cpu":
                 raise RuntimeError("the onednn kernel runs on CPU only")
-            layout = (torch.ops.onednn.qlinear_prepack(t.contiguous(), None), gamma.expand(n).contiguous(),
+            # unit weight scales: oneDNN returns the exact integer sums; gamma / s is applied afterwards,
+            # in the same order as BitLinear, so both give the same bits
+            layout = (torch.ops.onednn.qlinear_prepack(t.contiguous(), None), torch.ones(n),
                       torch.zeros(n, dtype=torch.long))
         elif kernel == "dense":
             layout = t.float()
@@ -228,30 +228,29 @@ class PackedTernaryLinear(nn.Module):
 
     def _int_matmul(self, x_int: torch.Tensor, kernel: str, lowp_dtype: torch.dtype = torch.bfloat16
                     ) -> torch.Tensor:
-        """fp32 (M, out) = (x_int @ T^T) * gamma for integer-valued fp32 x_int (M, in)."""
-        gamma = self.weight_scale.float()
+        """fp32 (M, out) = x_int @ T^T for integer-valued fp32 x_int (M, in) (exact for the exact kernels)."""
         if kernel == "onednn":
             w, scales, zps = self._layout("onednn")
             return _onednn_mm(x_int.add(128.0).to(torch.uint8), w, scales, zps)
         if kernel == "dense":
-            return F.linear(x_int, self._layout("dense")).mul_(gamma)
+            return F.linear(x_int, self._layout("dense"))
         if kernel == "lowp":
             with torch.autocast(x_int.device.type, enabled=False):
                 w = self._layout("lowp", lowp_dtype)
-                return F.linear(x_int.to(lowp_dtype), w).float().mul_(gamma)
+                return F.linear(x_int.to(lowp_dtype), w).float()
         if kernel == "int8pack":
             w, scales, kp = self._layout("int8pack")
             xb = x_int.to(torch.bfloat16)
             if kp != xb.shape[-1]:
                 xb = F.pad(xb, (0, kp - xb.shape[-1]))
-            return torch.ops.aten._weight_int8pack_mm(xb, w, scales).float().mul_(gamma)
+            return torch.ops.aten._weight_int8pack_mm(xb, w, scales).float()
         if kernel == "int4pack":
             w, sz, gs, kp = self._layout("int4pack")
             xb = x_int.to(torch.bfloat16)
             if kp != xb.shape[-1]:
                 xb = F.pad(xb, (0, kp - xb.shape[-1]))
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w, gs, sz)[:, : self.out_features]
-            return y.float().mul_(gamma)
+            return y.float()
         raise ValueError(f"unknown kernel {kernel!r} (known: {', '.join(KERNELS)})")
 
     # ------------------------------------------------------------------ forward
@@ -264,7 +263,7 @@ class PackedTernaryLinear(nn.Module):
             _, _, xn = rms_norm_parts(x, self.norm.weight, self.norm.eps)
             x_int, s = act_quant_int(xn.reshape(-1, self.in_features))
             y = self._int_matmul(x_int, self.resolved_kernel(x.device), lowp)
-            y.div_(s)
+            y.mul_(self.weight_scale.float() / s)  # exactly BitLinear's order: (x_int @ T^T) * (gamma / s)
             if self.bias is not None:
                 y.add_(self.bias)
         return y.to(out_dtype).reshape(*lead, self.out_features)
