@@ -21,7 +21,8 @@ def tiny_config(mod=False, moa=False, mhmoe=False, precision="bf16", **kw) -> Mo
     base = dict(vocab_size=V, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                 intermediate_size=24, num_experts=4, num_experts_per_tok=2, mamba_d_state=4,
                 mod_enabled=mod, mod_capacity=0.5, moa_enabled=moa, moa_num_experts=3, moa_top_k=2,
-                mhmoe_enabled=mhmoe, mhmoe_num_heads=2, precision=dict(PRECISION_PRESETS[precision]))
+                mhmoe_enabled=mhmoe, mhmoe_num_heads=2,
+                precision=dict(PRECISION_PRESETS[precision]) if isinstance(precision, str) else precision)
     base.update(kw)
     return MoMConfig(**base)
 

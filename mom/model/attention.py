@@ -13,24 +13,26 @@ from torch import nn
 from mom.model.bitlinear import make_linear
 from mom.model.cache import AttentionState
 from mom.model.config import MoMConfig
-from mom.model.experts import expert_map, load_balance_loss, load_max, stable_top_k, z_loss
+from mom.model.experts import expert_map, load_balance_loss, load_max, stable_top_k, want_aux, z_loss
 
 
 def with_cache(k, v, key_valid, state: AttentionState | None):
-    """Append the new K/V (B, H_kv, T, hd) to the cache; returns all keys, values and their validity."""
+    """Append the new K/V (B, H_kv, T, hd) to the cache; returns all keys, values and their validity
+    (None when every key is valid)."""
     if state is None:
         return k, v, key_valid
-    if key_valid is None:
-        key_valid = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
     return state.append(k, v, key_valid)
 
 
 def causal_attention(q, k, v, key_valid, dropout: float = 0.0):
-    """q: (B, H, T, hd) for the T newest tokens; k, v: (B, H, S, hd), S >= T, the last T being the new
-    tokens; key_valid: (B, S) or None (all valid)."""
+    """q: (B, Hq, T, hd) for the T newest tokens; k, v: (B, H_kv, S, hd), S >= T, the last T being the new
+    tokens, H_kv dividing Hq (query head j meets KV head j // (Hq / H_kv)); key_valid: (B, S) or None."""
     T, S = q.shape[2], k.shape[2]
-    if key_valid is None and S == T:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+    gqa = q.shape[1] != k.shape[1]
+    if key_valid is None and (S == T or T == 1):
+        # no padding, nothing skipped: plain causal attention, or one new query that sees every key
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=S == T and T > 1,
+                                              enable_gqa=gqa)
     q_pos = torch.arange(S - T, S, device=q.device)
     k_pos = torch.arange(S, device=q.device)
     mask = (k_pos[None, :] <= q_pos[:, None])[None]
@@ -39,7 +41,7 @@ def causal_attention(q, k, v, key_valid, dropout: float = 0.0):
     # A query whose own key is invalid (skipped or padding) could see nothing: let it see itself so the
     # softmax stays finite. The caller discards its output.
     mask = mask | (k_pos[None, :] == q_pos[:, None])[None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=dropout)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=dropout, enable_gqa=gqa)
 
 
 class Attention(nn.Module):
@@ -62,9 +64,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         k, v, key_valid = with_cache(k, v, key_valid, state)
-        rep = self.num_heads // self.num_kv_heads  # GQA: query head h meets KV head h // rep
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        o = causal_attention(q, k, v, key_valid, self.dropout if self.training else 0.0)
+        o = causal_attention(q, k, v, key_valid, self.dropout if self.training else 0.0)  # GQA inside SDPA
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), {}, {}
 
 
@@ -108,12 +108,17 @@ class MixtureOfAttention(nn.Module):
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         k, v, key_valid = with_cache(k, v, key_valid, state)
-        # tile K/V slot-major: query head s*Hkv + h meets KV head h, whichever expert fills slot s
-        k, v = k.repeat(1, self.top_k, 1, 1), v.repeat(1, self.top_k, 1, 1)
+        # Query head (slot s, h) must meet KV head h whichever expert fills slot s. Order the query heads
+        # h-major (h * top_k + s) so grouped-query attention maps each to KV head h, then order them back.
+        Hkv, kk = self.num_kv_heads, self.top_k
+        q = q.view(B, kk, Hkv, T, self.head_dim).transpose(1, 2).reshape(B, Hkv * kk, T, self.head_dim)
         o = causal_attention(q, k, v, key_valid, self.dropout if self.training else 0.0)
+        o = o.view(B, Hkv, kk, T, self.head_dim).transpose(1, 2).reshape(B, kk * Hkv, T, self.head_dim)
         o = o.transpose(1, 2).reshape(-1, self.num_kv_heads * self.head_dim)  # (N*k, width)
         y = expert_map(o, idx, self.o_proj).view(-1, self.top_k, d)
         y = (y * gates.unsqueeze(-1).to(y.dtype)).sum(1).view(B, T, d)
+        if not want_aux(self):
+            return y, {}, {}
         probs = F.softmax(logits, dim=-1)
         aux = {"moa_balance": load_balance_loss(probs, top_i), "moa_z": z_loss(logits)}
         stats = {"moa_load_max": load_max(top_i, self.num_experts)}

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 def expert_map(x: torch.Tensor, expert_idx: torch.Tensor, experts: Sequence[Callable]) -> torch.Tensor:
     """Row i of the result is ``experts[expert_idx[i]](x[i])``. x: (M, d_in), expert_idx: (M,)."""
+    if x.shape[0] <= 4:  # decoding: a handful of rows, sorting would cost more than it saves
+        return torch.cat([experts[e](x[i : i + 1]) for i, e in enumerate(expert_idx.tolist())])
     order = torch.argsort(expert_idx, stable=True)
     counts = torch.bincount(expert_idx, minlength=len(experts)).tolist()
     x_sorted = x[order]
@@ -46,6 +48,11 @@ def top_k_routing(logits: torch.Tensor, k: int, normalize: bool):
     if normalize:
         top_w = top_w / top_w.sum(-1, keepdim=True)
     return probs, top_w, top_i
+
+
+def want_aux(module: torch.nn.Module) -> bool:
+    """Router losses and statistics are for training: skip them when decoding or evaluating without grad."""
+    return module.training or torch.is_grad_enabled()
 
 
 def load_balance_loss(probs: torch.Tensor, top_i: torch.Tensor) -> torch.Tensor:

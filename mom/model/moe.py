@@ -8,7 +8,7 @@ from torch import nn
 
 from mom.model.bitlinear import make_linear
 from mom.model.config import MoMConfig
-from mom.model.experts import expert_map, load_balance_loss, load_max, top_k_routing
+from mom.model.experts import expert_map, load_balance_loss, load_max, top_k_routing, want_aux
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
@@ -46,6 +46,8 @@ class SparseMoE(nn.Module):
         probs, top_w, top_i = top_k_routing(self.router(flat), self.top_k, normalize=False)
         y = expert_map(flat.repeat_interleave(self.top_k, 0), top_i.flatten(), self.experts)
         y = (y.view(-1, self.top_k, shape[-1]) * top_w.unsqueeze(-1).to(y.dtype)).sum(1)
+        if not want_aux(self):
+            return y.view(shape), {}, {}
         aux = {"moe_balance": load_balance_loss(probs, top_i)}
         stats = {"moe_load_max": load_max(top_i, self.num_experts)}
         return y.view(shape), aux, stats
@@ -75,6 +77,8 @@ class MultiHeadMoE(nn.Module):
         y = expert_map(sub.repeat_interleave(self.top_k, 0), top_i.flatten(), self.experts)
         y = (y.view(-1, self.top_k, self.sub_dim) * top_w.unsqueeze(-1).to(y.dtype)).sum(1)
         y = self.merge_proj(y.reshape(shape))
+        if not want_aux(self):
+            return y, {}, {}
         aux = {"moe_balance": load_balance_loss(probs, top_i)}
         stats = {"moe_load_max": load_max(top_i, self.num_experts)}
         return y, aux, stats
