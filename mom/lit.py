@@ -116,8 +116,12 @@ class MoMLitModule(L.LightningModule):
             logger.log_hyperparams({f"params/{k}": v for k, v in flat.items()})
         self._t_last = None
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         res = self.compute_loss(batch)
+        from mom.callbacks import handle_nonfinite
+
+        if handle_nonfinite(self, res):  # NaN/inf: raises (callbacks.nonfinite.action=stop) or skips the batch
+            return None
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", res["loss"], prog_bar=True, batch_size=bs)
         self.log("train/lm_loss", res["lm_loss"], batch_size=bs)

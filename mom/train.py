@@ -4,7 +4,11 @@ The run directory is Hydra's output directory (``hydra.run.dir=...`` to choose i
 ``outputs/<date>/<time>``, sweeps under ``multirun/``). It ends up holding ``.hydra/config.yaml`` (Hydra),
 ``metrics.csv`` (CSV logger), ``checkpoints/{last,step*}.ckpt``, ``tokenizer/`` (from the data module) and
 ``model/`` (``MoMForCausalLM.save_pretrained`` + ``tokenizer.json``: what ``mom.eval`` and ``mom.generate``
-load). Resume with ``ckpt_path=<old run>/checkpoints/last.ckpt`` (the step count continues).
+load). Resume with ``ckpt_path=<old run>/checkpoints/last.ckpt`` (the step count continues), or rerun with
+the same ``hydra.run.dir`` and ``ckpt_path=last`` (its ``checkpoints/last.ckpt`` when there is one, else a
+fresh start). A resumed run continues exactly: data order, RNG streams, optimizer and scheduler state come from
+the checkpoint (docs/reliability.md). Checkpoints are written atomically and loaded weights-only
+(:mod:`mom.checkpoint`); bad inputs end with one ``error: ...`` line on stderr and exit code 1 (:mod:`mom.errors`).
 
 :func:`train` is the whole job as a plain function of a composed config, so tests run it in-process
 (``mom.utils.compose`` + ``paths.run_dir=<tmp>``); :func:`main` is the Hydra wrapper that also finishes a
@@ -81,6 +85,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path, **extra: Any):
     callbacks = _instantiate_all(cfg.callbacks, run_dir, cfg.task_name)
     if targs.get("enable_progress_bar") is False:
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    from mom.callbacks import RNGState
+    from mom.checkpoint import SafeCheckpointIO
+
+    callbacks.append(RNGState())  # RNG states in checkpoints (exact resume)
+    if not any(isinstance(p, SafeCheckpointIO) for p in extra.get("plugins") or []):
+        extra["plugins"] = [*(extra.get("plugins") or []), SafeCheckpointIO()]  # atomic, weights-only
     targs.update(extra)
     return L.Trainer(logger=loggers or False, callbacks=callbacks, default_root_dir=str(run_dir), **targs)
 
@@ -130,12 +140,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
                        optimizer=to_plain(cfg.optimizer), scheduler=to_plain(cfg.scheduler),
                        vocab_size=int(dm.vocab_size), token_bytes=getattr(dm, "token_bytes", None),
                        compile=bool(cfg.compile))
-    trainer = build_trainer(cfg, run_dir)
+    from mom.checkpoint import SafeCheckpointIO, resolve_ckpt_path
+
+    ckpt_dir = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
+    ckpt_path = resolve_ckpt_path(cfg.ckpt_path, ckpt_dir.get("dirpath") or run_dir / "checkpoints")
+    expected = {k: tuple(v.shape) for k, v in lit.state_dict().items()}  # a resumed checkpoint must match
+    trainer = build_trainer(cfg, run_dir, plugins=[SafeCheckpointIO(expected_shapes=expected)])
     if trainer.is_global_zero:
         (run_dir / "param_summary.json").write_text(json.dumps(parameter_summary(lit.model), indent=2, default=str))
 
-    # our checkpoints hold the optimizer's Python objects (GaLore projectors): trusted, not weights-only
-    trainer.fit(lit, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=False)
+    # weights-only: SafeCheckpointIO stores GaLore projectors as tagged dicts and never unpickles objects
+    trainer.fit(lit, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     metrics = _scalars(trainer.callback_metrics)
     if cfg.final_validate and not trainer.fast_dev_run and trainer.limit_val_batches != 0 and not trainer.interrupted:
         trainer.validate(lit, datamodule=dm, verbose=False)
@@ -162,8 +177,12 @@ def _uses_wandb(cfg: DictConfig) -> bool:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from mom.errors import fail, user_errors
+
     try:
         metrics = train(cfg)
+    except user_errors() as e:  # bad input: one line on stderr, exit code 1, no traceback
+        fail(e)
     finally:
         if _uses_wandb(cfg):
             import wandb
@@ -174,4 +193,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    from mom.errors import run_cli
+
+    run_cli(main, "train")
