@@ -139,7 +139,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     lit = MoMLitModule(model=to_plain(cfg.model), precision=to_plain(cfg.precision),
                        optimizer=to_plain(cfg.optimizer), scheduler=to_plain(cfg.scheduler),
                        vocab_size=int(dm.vocab_size), token_bytes=getattr(dm, "token_bytes", None),
-                       compile=bool(cfg.compile))
+                       compile=bool(cfg.compile), slm=to_plain(cfg.slm))
     from mom.checkpoint import SafeCheckpointIO, resolve_ckpt_path
 
     ckpt_dir = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}

@@ -139,9 +139,28 @@ class PathsSchema:
 
 @dataclass
 class SlmSchema:
-    """Selective language modelling (Rho-1). Only ``none`` so far; the rho issue adds its fields here."""
+    """Selective language modelling (Rho-1, ``mom/slm.py``): ``name: none`` (plain LM) or ``rho``."""
 
-    name: str = "none"
+    name: str = "none"  # none | rho
+    token_ratio: float = 0.6  # share of each batch's tokens kept, by excess loss (current - reference)
+    reference: str = "precomputed"  # precomputed (python -m mom.score) | online (a frozen reference per batch)
+    ref_run: Optional[str] = None  # the reference: a training run folder (its model/) or a model folder
+    histogram_every_n_steps: int = 50  # wandb histogram of the excess losses (0: never; wandb loggers only)
+
+
+@dataclass
+class ScoreConfig:
+    """``python -m mom.score``: per-token reference losses of a data config's token caches."""
+
+    data: dict[str, Any] = field(default_factory=dict)
+    paths: PathsSchema = field(default_factory=PathsSchema)
+    ref_run: Optional[str] = None  # a training run folder (its model/) or a model folder
+    splits: list[str] = field(default_factory=lambda: ["train", "validation"])
+    seq_len: Optional[int] = None  # scoring context; None: data.seq_len (the windows training reads)
+    batch_size: int = 16
+    dtype: str = "float16"  # float16 | float32
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda
+    overwrite: bool = False  # rescore even when the stored losses exist
 
 
 @dataclass
@@ -217,6 +236,7 @@ def register_configs() -> None:
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
     cs.store(name="export_schema", node=ExportConfig)
+    cs.store(name="score_schema", node=ScoreConfig)
     if not OmegaConf.has_resolver("mom_root"):
         OmegaConf.register_new_resolver("mom_root", lambda: str(REPO_ROOT))
     _registered = True
@@ -262,6 +282,6 @@ def wandb_mode_offline() -> bool:
 
 __all__ = [
     "CONF_DIR", "REPO_ROOT", "ConfigError", "EvalConfig", "ExportConfig", "GenerateConfig", "ModelSchema", "OptimizerSchema", "PathsSchema", "PrecisionKind",
-    "PrecisionSchema", "SchedulerSchema", "SlmSchema", "TrainConfig", "TrainerSchema", "compose",
+    "PrecisionSchema", "SchedulerSchema", "ScoreConfig", "SlmSchema", "TrainConfig", "TrainerSchema", "compose",
     "model_config", "register_configs", "to_plain", "wandb_mode_offline",
 ]

