@@ -105,6 +105,28 @@ def rms_norm_parts(x: torch.Tensor, norm_weight: torch.Tensor, eps: float):
     return xhat, r, norm_weight * xhat
 
 
+def quantize_input(x: torch.Tensor, norm_weight: torch.Tensor, eps: float):
+    """RMSNorm (gain ``norm_weight``) then per-token absmax quantisation to the int8 grid, computed so that
+    the integers do not depend on anything but the token itself.
+
+    Mathematically ``x_int = round(xn * 127 / max|xn|)`` with ``xn = norm_weight * x * r``, ``r = rsqrt(mean
+    x^2 + eps)``. The factor ``r`` cancels, so it is left out of the rounding: ``x_int = round(y * 127 /
+    max|y|)``, ``y = norm_weight * x``, which uses only elementwise ops and an (exact) max. The mean over the
+    row, whose last bits depend on how a kernel splits the batch, only scales the output. That matters:
+    chained ternary layers put activations exactly on rounding boundaries (ratios of integers), where such
+    noise would choose the side, and a token would round differently alone (decoding) than in a batch.
+
+    Returns ``(x_int, inv_s, xhat, r)``: the dequantised activation is ``x_int * inv_s`` (``inv_s = 1 / s``,
+    ``s = 127 / max|xn|`` clamped as in ``act_quant_int``), ``xhat = x * r`` (for the backward)."""
+    xf = _fp32_or_wider(x)
+    r = torch.linalg.vector_norm(xf, 2, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+    y = xf * norm_weight.to(xf.dtype)
+    amax = torch.maximum(y.amax(-1, keepdim=True), y.amin(-1, keepdim=True).neg_())
+    scale_y = torch.div(127.0, torch.maximum(amax, _ACT_EPS / r))  # = s / r
+    x_int = y.mul_(scale_y).round_().clamp_(-128.0, 127.0)
+    return x_int, r / scale_y, xf * r, r
+
+
 # --------------------------------------------------------------------------- fused quantise + matmul
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     dev = x.device.type
@@ -124,23 +146,24 @@ class _BitLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                 bias: torch.Tensor | None, cdtype: torch.dtype) -> torch.Tensor:
-        xhat, r, xn = rms_norm_parts(x, norm_weight, eps)
-        x_int, s = act_quant_int(xn)  # integers in [-128, 127], per-token scale
+        x_int, inv_s, xhat, r = quantize_input(x, norm_weight, eps)  # integers in [-128, 127]
+        if xhat.dtype != x.dtype:
+            xhat = xhat.to(x.dtype)
         t, gamma = ternarize(weight)  # {-1, 0, 1}, per-tensor scale
         # Integer operands: the matmul's sums are exact in fp32 (|sum| <= 128 * K < 2^24), so the result
         # does not depend on the summation order, i.e. on the batch shape or kernel: a token's output is the
-        # same bits whether it is decoded alone or inside a batch. Chained ternary layers need that: integer
-        # ratios put activations exactly on rounding boundaries, where float noise would pick the side.
-        scale = gamma / s  # (..., 1)
+        # same bits whether it is decoded alone or inside a batch (see quantize_input for the other half).
+        scale = gamma * inv_s  # (..., 1)
         with torch.autocast(x.device.type, enabled=False):
             y = F.linear(x_int.to(cdtype), t.to(cdtype)).mul_(scale.to(cdtype))
             if bias is not None:
                 y = y.add_(bias.to(cdtype))
-        x_q = x_int.div_(s).to(cdtype)  # the dequantised operands, for the straight-through backward
+        x_q = x_int.mul_(inv_s).to(cdtype)  # the dequantised operands, for the straight-through backward
         w_q = t.mul_(gamma).to(cdtype)
+        xn_dtype = torch.promote_types(norm_weight.dtype, xhat.dtype)
         ctx.save_for_backward(xhat, r, norm_weight, x_q, w_q)
         ctx.has_bias = bias is not None
-        ctx.meta = (x.dtype, xn.dtype, norm_weight.dtype, weight.dtype, bias.dtype if bias is not None else None)
+        ctx.meta = (x.dtype, xn_dtype, norm_weight.dtype, weight.dtype, bias.dtype if bias is not None else None)
         return y
 
     @staticmethod

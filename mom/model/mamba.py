@@ -72,10 +72,33 @@ class MambaMixer(nn.Module):
             return F.silu(y)
         return F.silu(F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner))
 
+    def _A(self) -> torch.Tensor:
+        """A = -exp(A_log), in fp32 (fp64 for an fp64 model)."""
+        a_log = self.A_log if self.A_log.dtype == torch.float64 else self.A_log.float()
+        return -torch.exp(a_log)
+
+    def step(self, x: torch.Tensor, state: MambaState) -> torch.Tensor:
+        """One decoding step from a prefilled state, on (B, d) rows with no transposes: decoding is bound
+        by the number of small ops, not by arithmetic. Same function as ``forward`` with T = 1."""
+        u, z = self.in_proj(x).chunk(2, dim=-1)  # (B, d_inner) each
+        window = torch.cat([state.conv.to(u.dtype), u.unsqueeze(-1)], dim=-1)  # (B, d_inner, d_conv)
+        state.conv = window[..., 1:]
+        u = (window * self.conv1d.weight[:, 0]).sum(-1)
+        if self.conv1d.bias is not None:
+            u = u + self.conv1d.bias
+        u = F.silu(u)
+        dt, Bm, Cm = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = self.dt_proj(self.dt_layernorm(dt))
+        y = selective_state_update(state.ssm, u, dt, self._A(), self.b_layernorm(Bm),
+                                   self.c_layernorm(Cm), self.D, z=z, dt_softplus=True)
+        return self.out_proj(y.to(x.dtype))
+
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, state: MambaState | None = None):
         """x: (B, T, d). token_mask: (B, T) bool, False for padding (its input is zeroed, so left padding
         leaves the state at zero). Returns (B, T, d)."""
         B, T, _ = x.shape
+        if T == 1 and token_mask is None and state is not None and state.ssm is not None and state.conv is not None:
+            return self.step(x[:, 0], state).unsqueeze(1)
         dtype = x.dtype
         xz = self.in_proj(x).transpose(1, 2)
         u, z = xz.chunk(2, dim=1)
@@ -88,17 +111,13 @@ class MambaMixer(nn.Module):
         dt, Bm, Cm = torch.split(self.x_proj(u.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = self.dt_proj(self.dt_layernorm(dt))  # (B, T, d_inner), bias included
         Bm, Cm = self.b_layernorm(Bm), self.c_layernorm(Cm)
-        A = -torch.exp(self.A_log.float())
-        if state is not None and state.ssm is not None and T == 1:
-            y = selective_state_update(state.ssm, u[..., 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], self.D.float(),
-                                       z=z[..., 0], dt_softplus=True).unsqueeze(-1)
+        A = self._A()
+        init = state.ssm if state is not None else None
+        out = selective_scan(u, dt.transpose(1, 2), A, Bm.transpose(1, 2), Cm.transpose(1, 2), self.D,
+                             z=z, delta_softplus=True, initial_state=init,
+                             return_last_state=state is not None, impl=self.scan_impl)
+        if state is not None:
+            y, state.ssm = out
         else:
-            init = state.ssm if state is not None else None
-            out = selective_scan(u, dt.transpose(1, 2), A, Bm.transpose(1, 2), Cm.transpose(1, 2), self.D.float(),
-                                 z=z, delta_softplus=True, initial_state=init,
-                                 return_last_state=state is not None, impl=self.scan_impl)
-            if state is not None:
-                y, state.ssm = out
-            else:
-                y = out
+            y = out
         return self.out_proj(y.transpose(1, 2).to(dtype))

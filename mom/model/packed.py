@@ -10,7 +10,7 @@
 
 and computes the same function as ``BitLinear.forward`` in eval mode::
 
-    x_int, s = act_quant_int(RMSNorm(x))     # integers in [-128, 127], the same bits as BitLinear's
+    x_int, 1/s = quantize_input(x, norm)      # integers in [-128, 127], the same bits as BitLinear's
     y = (x_int @ T^T) * gamma / s + bias     # T in {-1, 0, 1}: the product is an exact integer
 
 Kernel paths (``kernel`` attribute; ``"auto"`` picks per device). The unpacked kernel layout is built once on
@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mom.model.bitlinear import BitLinear, act_quant_int, rms_norm_parts
+from mom.model.bitlinear import BitLinear, quantize_input
 from mom.model.norm import RMSNorm
 
 KERNELS = ("auto", "onednn", "dense", "int8pack", "int4pack", "lowp")
@@ -260,10 +260,9 @@ class PackedTernaryLinear(nn.Module):
         lowp = out_dtype if out_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
         lead = x.shape[:-1]
         with torch.no_grad():
-            _, _, xn = rms_norm_parts(x, self.norm.weight, self.norm.eps)
-            x_int, s = act_quant_int(xn.reshape(-1, self.in_features))
+            x_int, inv_s, _, _ = quantize_input(x.reshape(-1, self.in_features), self.norm.weight, self.norm.eps)
             y = self._int_matmul(x_int, self.resolved_kernel(x.device), lowp)
-            y.mul_(self.weight_scale.float() / s)  # exactly BitLinear's order: (x_int @ T^T) * (gamma / s)
+            y.mul_(self.weight_scale.to(inv_s.dtype) * inv_s)  # BitLinear's order: (x_int @ T^T) * (gamma / s)
             if self.bias is not None:
                 y.add_(self.bias)
         return y.to(out_dtype).reshape(*lead, self.out_features)

@@ -423,9 +423,12 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
             dtf = F.softplus(dtf)
         xf = x.to(_acc(x))
         dA = torch.exp(dtf[:, :, None] * A.to(_acc(A)))
-        h = state.to(_acc(state)) * dA + (dtf * xf)[:, :, None] * B.to(_acc(B))[:, None, :]
-        state.copy_(h)
-        y = (h * C.to(_acc(C))[:, None, :]).sum(-1)
+        if state.dtype == dA.dtype:  # in place: no new (b, d, n) tensors
+            h = state.mul_(dA).addcmul_((dtf * xf)[:, :, None], B.to(dA.dtype)[:, None, :])
+        else:
+            h = state.to(dA.dtype) * dA + (dtf * xf)[:, :, None] * B.to(dA.dtype)[:, None, :]
+            state.copy_(h)
+        y = torch.matmul(h, C.to(h.dtype)[:, :, None]).squeeze(-1)
         if D is not None:
             y = y + D.to(_acc(D)) * xf
         if z is not None:
