@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="mom-tests-"))
@@ -22,6 +23,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Tests run tiny tensors: one intra-op thread spares every op a thread-pool hand-off (several times faster
+# here, and steadier on a loaded machine). Subprocesses started by the slow tests keep the default.
+torch.set_num_threads(1)
 
 # The overrides that make any training config a seconds-long CPU job: jamba_tiny-sized model and vocabulary,
 # 32-token windows, batches of 2, few steps, small validation, quiet trainer.
