@@ -18,7 +18,6 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -88,7 +87,7 @@ def score(cfg: Any, out=None) -> dict[str, dict[str, Any]]:
         if store is None:
             last = [0.0]
 
-            def progress(done, total, elapsed, split=split):
+            def progress(done, total, elapsed, split=split, last=last):
                 if elapsed - last[0] > 10:
                     last[0] = elapsed
                     log.info("%s: %d/%d windows, %.0f s", split, done, total, elapsed)
@@ -133,4 +132,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["score", "main", "Path"]
+__all__ = ["score", "main"]

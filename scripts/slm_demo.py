@@ -1,8 +1,8 @@
-"""Rho-1 selective language modelling demo, offline, end to end (in-process, ~5-8 minutes on 2 CPU cores).
+"""Rho-1 selective language modelling demo, offline, end to end (in-process, ~5 minutes on 2 CPU cores).
 
-    .venv/bin/python scripts/slm_demo.py [--out DIR] [--steps 250] [--ref-steps 200] [--arms baseline,rho,filtered]
+    .venv/bin/python scripts/slm_demo.py [--out DIR] [--steps 200] [--ref-steps 300] [--threads N] [--arms baseline,rho,filtered]
 
-1. ``reference``: the demo model trained on a small clean subset (4 plays, no corruption) of the noisy corpus;
+1. ``reference``: the demo model trained on a small clean subset (3 plays, no corruption) of the noisy corpus;
    its BPE tokenizer is the one every later arm uses.
 2. ``python -m mom.score`` equivalent: per-token reference losses of the noisy corpus (train and validation).
 3. The same model, same steps, same seed, on the noisy corpus (``data=noisy_shakespeare``, ~1/3 of the lines
@@ -31,7 +31,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "callbacks.rich_progress_bar=null"]
-CLEAN_SUBSET = ["data.noise.plays=4", "data.noise.doc_frac=0.0", "data.noise.background=0.0"]
+CLEAN_SUBSET = ["data.noise.plays=3", "data.noise.doc_frac=0.0", "data.noise.background=0.0"]
 
 
 def _last(run_dir: Path, key: str) -> float | None:
@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(REPO / "outputs" / "slm_demo"), help="folder for the runs")
     ap.add_argument("--steps", type=int, default=None, help="steps per noisy-corpus arm (default: the experiment's)")
-    ap.add_argument("--ref-steps", type=int, default=200, help="reference training steps")
+    ap.add_argument("--ref-steps", type=int, default=300, help="reference training steps")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; 1 on a busy machine)")
     ap.add_argument("--arms", default="baseline,rho,filtered")
     ap.add_argument("--token-ratio", type=float, default=0.6)
     ap.add_argument("--keep-quantile", type=float, default=0.6, help="filtered arm: data.filter.max_quantile")
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from mom.score import score
     from mom.train import train
     from mom.utils import compose, to_plain
@@ -79,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - t0
         n = int(metrics["step"])
         seen = n * cfg.data.batch_size * cfg.data.seq_len
-        frac = _last(run_dir, "train/slm_selected_frac") if cfg.slm.name == "rho" else 1.0
+        frac = 1.0
+        if cfg.slm.name == "rho":  # the logged share of kept tokens (= token_ratio up to rounding)
+            frac = _last(run_dir, "train/slm_selected_frac") or float(cfg.slm.token_ratio)
         rows.append({"arm": arm, "steps": n, "tokens": seen, "in_loss": int(seen * (frac or 1.0)), "wall": wall,
                      "bpb": metrics.get("val/bpb", float("nan")), "note": note})
         print(f"[slm_demo] {arm}: {n} steps, {wall:.0f} s, clean val bpb {rows[-1]['bpb']:.4f}", flush=True)
@@ -89,13 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     ref_dir = run("reference", CLEAN_SUBSET + [f"trainer.max_steps={args.ref_steps}",
                                                f"trainer.val_check_interval={args.ref_steps}",
                                                f"callbacks.model_checkpoint.every_n_train_steps={args.ref_steps}"],
-                  "4 clean plays")
+                  "3 clean plays")
     tok = [f"data.tokenizer.path={ref_dir / 'model' / 'tokenizer.json'}"]
 
     t0 = time.perf_counter()
     demo = compose("train", base + tok + ["paths.run_dir=/tmp/unused"])
     # = python -m mom.score ref_run=<reference> with the arms' exact data config (noise, seq_len, tokenizer)
-    res = score({"ref_run": str(ref_dir), "data": to_plain(demo.data), "splits": ["train"], "batch_size": 32},
+    res = score({"ref_run": str(ref_dir), "data": to_plain(demo.data), "splits": ["train"], "batch_size": 64},
                 out=sys.stdout)
     t_score = time.perf_counter() - t0
     print(f"[slm_demo] scored {res['train']['n_targets']:,} train tokens in {t_score:.0f} s", flush=True)

@@ -262,3 +262,24 @@ def test_document_filter_keeps_the_quantile_range(compose, ref_run, scored):
     noisy = np.array([sum(e - s for s, e in sp) / max(len(t), 1) for t, sp in zip(docs, spans, strict=True)])
     keep = doc_losses <= np.quantile(doc_losses, 0.5)
     assert noisy[keep].mean() < noisy[~keep].mean()  # the filter drops the noisier documents
+
+
+@pytest.mark.slow
+def test_score_cli_scores_and_refuses_in_one_line(ref_run, python_env, tmp_path):
+    """``python -m mom.score``: scores (or reuses the stored losses) and refuses another tokenizer with one line."""
+    import subprocess
+
+    from tests.conftest import PYTHON
+
+    base = [PYTHON, "-m", "mom.score", f"ref_run={ref_run}", "data=noisy_shakespeare", *NOISY,
+            f"data.seq_len={SEQ}", "splits=[train]"]
+    ok = subprocess.run(base + [f"data.tokenizer.path={ref_run / 'model' / 'tokenizer.json'}"], env=python_env,
+                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert '"train"' in ok.stdout.strip().splitlines()[-1]
+    bad = subprocess.run(base + ["data.tokenizer.vocab_size=400"], env=python_env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "different tokenizer" in last, bad.stderr[-2000:]
+    assert "Traceback" not in bad.stderr
