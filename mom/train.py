@@ -195,4 +195,4 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     from mom.errors import run_cli
 
-    run_cli(main, "train")
+    run_cli(main, "train")  # a config that does not compose: one line too
