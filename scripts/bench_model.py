@@ -101,7 +101,7 @@ def section_b(repeats: int):
         x = torch.randn(2048, fin, requires_grad=True)
         lin, bit = torch.nn.Linear(fin, fout, bias=False), BitLinear(fin, fout, bias=False)
 
-        def fb(layer):
+        def fb(layer, x=x):
             def run():
                 layer(x).sum().backward()
             return run

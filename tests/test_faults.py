@@ -71,7 +71,7 @@ def test_ckpt_path_last_without_checkpoint_starts_fresh(tmp_path):
 def test_sigkill_between_checkpoints_then_resume(python_env, tmp_path):
     """A training process killed with SIGKILL resumes from last.ckpt to the weights of an uninterrupted run."""
     steps = 40
-    common = [*tiny_overrides("unused"), "trainer.max_steps=%d" % steps, "final_validate=false",
+    common = [*tiny_overrides("unused"), f"trainer.max_steps={steps}", "final_validate=false",
               "trainer.val_check_interval=1000", "model.attention_dropout=0.2",
               "callbacks.model_checkpoint.every_n_train_steps=2"]
     common = [o for o in common if not o.startswith("paths.run_dir")]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from mom.model import MoMForCausalLM
 from mom.model.summary import format_summary, summary
