@@ -73,9 +73,15 @@ class MambaMixer(nn.Module):
         return F.silu(F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner))
 
     def _A(self) -> torch.Tensor:
-        """A = -exp(A_log), in fp32 (fp64 for an fp64 model)."""
+        """A = -exp(A_log), in fp32 (fp64 for an fp64 model); cached while A_log does not change and no
+        gradient is needed (decoding calls this every token)."""
         a_log = self.A_log if self.A_log.dtype == torch.float64 else self.A_log.float()
-        return -torch.exp(a_log)
+        if torch.is_grad_enabled() and self.A_log.requires_grad:
+            return -torch.exp(a_log)
+        key = (self.A_log.data_ptr(), self.A_log._version, self.A_log.dtype, self.A_log.device)
+        if getattr(self, "_A_cache", (None,))[0] != key:
+            self._A_cache = (key, -torch.exp(a_log))
+        return self._A_cache[1]
 
     def step(self, x: torch.Tensor, state: MambaState) -> torch.Tensor:
         """One decoding step from a prefilled state, on (B, d) rows with no transposes: decoding is bound
