@@ -192,11 +192,9 @@ class RefLosses:
     def losses(self) -> np.ndarray:
         """(n_tokens - 1,) memory-mapped read-only: value j = reference NLL of cache token j + 1."""
         if getattr(self, "_losses", None) is None:
-            dt = np.dtype(self.meta["dtype"])
-            if self.n_targets == 0:
-                self._losses = np.zeros(0, dtype=dt)
-            else:
-                self._losses = np.memmap(f"{self.stem}.bin", dtype=dt, mode="r", shape=(self.n_targets,))
+            from mom.data.cache import open_array
+
+            self._losses = open_array(f"{self.stem}.bin", self.meta["dtype"], self.n_targets)
         return self._losses
 
     @property

@@ -37,6 +37,15 @@ from tokenizers import Tokenizer
 
 from mom.data.corpus import DataError, stable_hash
 
+
+def open_array(path: str | os.PathLike, dtype: Any, n: int) -> np.ndarray:
+    """A stored 1-D array of ``n`` values, memory-mapped read-only (an empty array when ``n`` is 0: numpy
+    cannot map an empty file)."""
+    dtype = np.dtype(dtype)
+    if n == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+
 CACHE_VERSION = 1
 
 
@@ -93,11 +102,7 @@ class TokenCache:
     def tokens(self) -> np.ndarray:
         """The token stream, memory-mapped read-only (opened on first use)."""
         if getattr(self, "_tokens", None) is None:
-            dt = np.dtype(self.meta["dtype"])
-            if self.n_tokens == 0:
-                self._tokens = np.zeros(0, dtype=dt)
-            else:
-                self._tokens = np.memmap(self.bin_path, dtype=dt, mode="r", shape=(self.n_tokens,))
+            self._tokens = open_array(self.bin_path, self.meta["dtype"], self.n_tokens)
         return self._tokens
 
     @property

@@ -92,19 +92,6 @@ def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return _STE.apply(x, q.to(x.dtype))
 
 
-def rms_norm_parts(x: torch.Tensor, norm_weight: torch.Tensor, eps: float):
-    """``mom.model.norm.RMSNorm`` written out: returns ``(xhat, r, xn)`` with ``r = rsqrt(mean(x^2) + eps)``
-    (fp32, per token), ``xhat = (x * r)`` cast to ``x.dtype`` and ``xn = norm_weight * xhat`` (the norm's
-    output). Shared by BitLinear and PackedTernaryLinear so both quantise bit-identical activations."""
-    xf = _fp32_or_wider(x)
-    # vector_norm(ord=2) is one vectorised pass (x.pow(2).mean() is two, with an allocation)
-    r = torch.linalg.vector_norm(xf, 2, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
-    xhat = xf * r
-    if x.dtype != xf.dtype:
-        xhat = xhat.to(x.dtype)
-    return xhat, r, norm_weight * xhat
-
-
 def quantize_input(x: torch.Tensor, norm_weight: torch.Tensor, eps: float):
     """RMSNorm (gain ``norm_weight``) then per-token absmax quantisation to the int8 grid, computed so that
     the integers do not depend on anything but the token itself.
