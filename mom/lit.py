@@ -65,7 +65,7 @@ def _flat_numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
 class MoMLitModule(L.LightningModule):
     """Args are the resolved config groups as plain dicts (they are stored as the checkpoint hparams).
 
-    ``vocab_size`` (the tokenizer's) raises the model's vocab_size when larger; ``token_bytes`` (V,) is the
+    ``vocab_size`` (the tokenizer's) replaces the model's vocab_size when they differ; ``token_bytes`` (V,) is the
     UTF-8 byte length of each token, for ``val/bpb`` (without it bpb is not logged).
     """
 
@@ -75,8 +75,10 @@ class MoMLitModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["token_bytes"])
         model = dict(model)
-        if vocab_size is not None and vocab_size > model.get("vocab_size", 0):
-            log.warning("model.vocab_size %s < tokenizer vocabulary %s: using %s",
+        if vocab_size is not None and vocab_size != model.get("vocab_size"):
+            # the model is saved with its tokenizer, and eval/generate refuse a pair whose sizes differ:
+            # a BPE trained on a small corpus can end below the configured size, so follow the tokenizer
+            log.warning("model.vocab_size %s != tokenizer vocabulary %s: using %s",
                         model.get("vocab_size"), vocab_size, vocab_size)
             model["vocab_size"] = int(vocab_size)
         from mom.model import MoMForCausalLM

@@ -150,3 +150,27 @@ def test_multirun_then_report(python_env, tmp_path):
     assert (sweep / "report.png").is_file() and (sweep / "report.png").stat().st_size > 1000
     assert "| run |" in res.stdout and "precision=bf16" in res.stdout and "precision=ternary" in res.stdout
     print(res.stdout)
+
+
+def test_model_vocabulary_follows_the_tokenizer(compose):
+    """A BPE trained on a small corpus can end below the configured vocabulary: the model takes the
+    tokenizer's size, so the saved pair passes eval/generate's tokenizer check."""
+    from mom.lit import MoMLitModule
+    from mom.utils import to_plain
+
+    cfg = compose(tiny_overrides("unused"))
+    lit = MoMLitModule(model=to_plain(cfg.model), precision=to_plain(cfg.precision),
+                       optimizer=to_plain(cfg.optimizer), scheduler=to_plain(cfg.scheduler), vocab_size=300)
+    assert lit.model.config.vocab_size == 300
+    assert lit.model.lm_head.out_features == 300
+
+
+def test_compile_option_wraps_without_duplicating_the_state_dict(compose):
+    from mom.lit import MoMLitModule
+    from mom.utils import to_plain
+
+    cfg = compose(tiny_overrides("unused") + ["compile=true"])
+    lit = MoMLitModule(model=to_plain(cfg.model), precision=to_plain(cfg.precision),
+                       optimizer=to_plain(cfg.optimizer), scheduler=to_plain(cfg.scheduler), compile=cfg.compile)
+    assert lit._compiled is not None and lit._compiled is not lit.model  # torch.compile is lazy: nothing compiled yet
+    assert not any("_orig_mod" in k for k in lit.state_dict())
