@@ -32,6 +32,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mom.errors import fail
 from mom.utils import CONF_DIR, register_configs, to_plain
 
 log = logging.getLogger("mom.eval")
@@ -212,13 +213,6 @@ def setup_stderr_logging(level: int = logging.INFO) -> None:
     root.setLevel(level)
 
 
-def fail(message: str, code: int = 2) -> None:
-    """One line on stderr, then exit with ``code`` (no traceback)."""
-    sys.stdout.flush()
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def main(cfg: DictConfig) -> None:
     setup_stderr_logging()
@@ -232,4 +226,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mom.errors import run_cli
+
+    run_cli(main, "eval")  # a config that does not compose: one line too

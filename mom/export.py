@@ -29,7 +29,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from mom.eval import fail, plain_keys, resolve_model_dir, setup_stderr_logging
+from mom.errors import fail
+from mom.eval import plain_keys, resolve_model_dir, setup_stderr_logging
 from mom.utils import CONF_DIR, register_configs
 
 log = logging.getLogger("mom.export")
@@ -192,4 +193,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mom.errors import run_cli
+
+    run_cli(main, "export")  # a config that does not compose: one line too

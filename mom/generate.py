@@ -28,7 +28,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from mom.eval import fail, load_model_and_tokenizer, plain_keys, resolve_model_dir, setup_stderr_logging
+from mom.errors import fail
+from mom.eval import load_model_and_tokenizer, plain_keys, resolve_model_dir, setup_stderr_logging
 from mom.model.generation import GenerationError
 from mom.utils import CONF_DIR, register_configs
 
@@ -210,4 +211,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mom.errors import run_cli
+
+    run_cli(main, "generate")  # a config that does not compose: one line too

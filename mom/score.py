@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from mom.errors import fail
 from mom.utils import CONF_DIR, register_configs, to_plain
 
 log = logging.getLogger("mom.score")
@@ -117,7 +118,7 @@ def score(cfg: Any, out=None) -> dict[str, dict[str, Any]]:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="score")
 def main(cfg: DictConfig) -> None:
     from mom.data.corpus import DataError
-    from mom.eval import fail, setup_stderr_logging
+    from mom.eval import setup_stderr_logging
     from mom.model.config import ConfigError
     from mom.slm import SlmError
 
@@ -129,7 +130,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from mom.errors import run_cli
+
+    run_cli(main, "score")  # a config that does not compose: one line too
 
 
 __all__ = ["score", "main"]
