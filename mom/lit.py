@@ -5,7 +5,9 @@ Logged (Lightning's logger names):
 - ``train/loss`` (LM + weighted aux losses), ``train/lm_loss``, ``train/<aux>`` for each entry of
   ``out.aux_losses`` (``moe_balance``, ``moa_balance``, ``moa_z``, ``mod_bce``...), ``train/<stat>`` for each
   router statistic of ``out.stats`` (``mod_selected_frac``, ``moe_load_max``...), ``train/lr``,
-  ``train/grad_norm`` (before clipping), ``train/tokens_per_s`` and ``train/tokens`` (all processes).
+  ``train/grad_norm`` (before clipping; the global norm under FSDP), ``train/tokens`` (all processes); the
+  throughput figures (``train/tokens_per_s``, ``train/samples_per_s``, ``train/tflops_per_s``, ``train/mfu``)
+  come from :class:`mom.throughput.ThroughputMonitor`.
 - ``val/loss`` (mean next-token NLL over target tokens), ``val/ppl`` = exp(val/loss) and ``val/bpb`` = bits
   per UTF-8 byte = sum NLL / (ln 2 * sum token_bytes[target]) where targets are ``labels[:, 1:]``; the sums
   go through torchmetrics ``SumMetric`` so they are exact over processes and batches.
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from typing import Any
 
 import lightning as L
@@ -95,7 +96,6 @@ class MoMLitModule(L.LightningModule):
         self.val_bytes = SumMetric()
         for m in (self.val_nll, self.val_tokens, self.val_bytes):
             m.set_dtype(torch.float64)
-        self._t_last: float | None = None
         self._tokens_seen = 0
         self.slm = dict(slm or {"name": "none"})
         if self.slm.get("name", "none") not in ("none", "rho"):
@@ -210,7 +210,6 @@ class MoMLitModule(L.LightningModule):
                                                   for k, v in flat.items()))
         for logger in self.loggers:
             logger.log_hyperparams({f"params/{k}": v for k, v in flat.items()})
-        self._t_last = None
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         res = self.compute_loss(batch)
@@ -232,22 +231,38 @@ class MoMLitModule(L.LightningModule):
         return res["loss"]
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        now = time.perf_counter()
-        tokens = batch["input_ids"].numel() * self.trainer.world_size
-        self._tokens_seen += tokens
-        if self._t_last is not None:
-            self.log("train/tokens_per_s", tokens / max(now - self._t_last, 1e-9), prog_bar=True)
+        # tokens/s, samples/s and MFU: mom.throughput.ThroughputMonitor
+        self._tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
         self.log("train/tokens", float(self._tokens_seen))
-        self._t_last = now
         opt = self.optimizers()
         if not isinstance(opt, list):
             self.log("train/lr", opt.param_groups[0]["lr"])
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+        from mom.distributed import global_grad_norm
+
+        norm = global_grad_norm(self.parameters())  # over every rank's shard under FSDP
+        if norm is not None:
             self.log("train/grad_norm", norm)
+
+    # ------------------------------------------------------------------ several processes
+    def configure_model(self) -> None:
+        """Under :class:`mom.distributed.FSDPStrategy`: shard the model, one FSDP unit per block."""
+        from mom.distributed import FSDPStrategy
+
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            self.trainer.strategy.shard(self.model)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip by the global norm under FSDP too: ``clip_grad_norm_`` over the DTensor gradients reduces the
+        norm over the shards (Lightning's FSDP precision plugins refuse clipping by norm)."""
+        from mom.distributed import is_fsdp
+
+        if gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm" and is_fsdp(self.trainer.strategy):
+            torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

@@ -77,6 +77,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, **extra: Any):
     from lightning.pytorch.callbacks import ProgressBar
 
     targs = to_plain(cfg.trainer)
+    peak = targs.pop("peak_flops", "auto")  # MoM's, not a Trainer argument
     accelerator = resolve_accelerator(targs["accelerator"])
     targs["precision"] = resolve_precision(targs["precision"], accelerator)
     if isinstance(targs["strategy"], dict):
@@ -89,6 +90,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, **extra: Any):
     from mom.checkpoint import SafeCheckpointIO
 
     callbacks.append(RNGState())  # RNG states in checkpoints (exact resume)
+    from mom.throughput import ThroughputMonitor, resolve_peak_flops
+
+    callbacks.append(ThroughputMonitor(*resolve_peak_flops(peak, "cuda" if accelerator == "cuda" else "cpu")))
     if not any(isinstance(p, SafeCheckpointIO) for p in extra.get("plugins") or []):
         extra["plugins"] = [*(extra.get("plugins") or []), SafeCheckpointIO()]  # atomic, weights-only
     targs.update(extra)
@@ -97,17 +101,18 @@ def build_trainer(cfg: DictConfig, run_dir: Path, **extra: Any):
 
 def _save_model(trainer: Any, lit: Any, dm: Any, model_dir: Path) -> None:
     """``<run>/model/``: save_pretrained of the plain (uncompiled, gathered) module + tokenizer.json."""
-    from lightning.pytorch.strategies import FSDPStrategy
+    from mom.distributed import is_fsdp
 
     model = lit.model
-    if isinstance(trainer.strategy, FSDPStrategy):  # gather the full state dict (a collective: every rank)
+    if is_fsdp(trainer.strategy):  # gather the full state dict (a collective: every rank)
         state = trainer.strategy.lightning_module_state_dict()
         if not trainer.is_global_zero:
             return
         from mom.model import MoMForCausalLM
 
         model = MoMForCausalLM(lit.config)
-        model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+        model.load_state_dict({k.removeprefix("model.").replace("._checkpoint_wrapped_module", ""): v
+                               for k, v in state.items() if k.startswith("model.")})
     if not trainer.is_global_zero:
         return
     model.save_pretrained(model_dir)
@@ -119,6 +124,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
 
     from mom.data.datamodule import build_datamodule
+    from mom.distributed import check_launch
     from mom.lit import MoMLitModule, parameter_summary
     from mom.optim import check_optimizer
 
@@ -128,6 +134,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = resolve_accelerator(cfg.trainer.accelerator)
     check_optimizer(cfg.optimizer, accelerator)  # before any data or model work
+    check_launch(cfg.trainer)  # e.g. a multirun with a launcher that reruns the command line
     model_config(cfg.model, cfg.precision)  # ConfigError naming the key, before the tokenizer is trained
     if accelerator == "cuda":
         torch.set_float32_matmul_precision("high")
@@ -159,9 +166,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         _save_model(trainer, lit, dm, run_dir / "model")
 
     metrics["step"] = float(trainer.global_step)
+    from mom.throughput import ThroughputMonitor
+
     if trainer.is_global_zero:
         shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in ("val/loss", "val/ppl", "val/bpb") if k in metrics)
         print(f"[mom.train] step {trainer.global_step}  {shown or 'no validation metrics'}")
+        monitor = next((c for c in trainer.callbacks if isinstance(c, ThroughputMonitor)), None)
+        if monitor is not None:
+            print(f"[mom.train] {monitor.summary_line()}")
+            metrics.update({f"run/{k}": v for k, v in monitor.summary().items()})
         print(f"[mom.train] run dir: {run_dir}")
     return metrics
 

@@ -121,6 +121,7 @@ class TrainerSchema:
     accumulate_grad_batches: int = 1
     fast_dev_run: Any = False
     deterministic: Any = None
+    peak_flops: Any = "auto"  # MoM's (mom.throughput): peak FLOP/s of one device for MFU: number, preset, auto, null
     benchmark: Optional[bool] = None
     enable_progress_bar: Optional[bool] = None
     enable_model_summary: Optional[bool] = None

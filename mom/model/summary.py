@@ -74,6 +74,35 @@ def summary(config: MoMConfig) -> dict:
     }
 
 
+def training_flops_per_token(config: MoMConfig, seq_len: int, s: dict | None = None) -> dict:
+    """Model FLOPs of one trained token (forward + backward = 3 x forward), the accounting MFU uses (PaLM's):
+
+    - ``matmul``: 6 x the active parameters that multiply activations (:func:`summary`'s ``active_params`` less
+      the input embedding, a lookup; a tied head counts once);
+    - ``attention``: 12 x seq_len x (heads x head_dim) per attention layer (QK^T and AV over all ``seq_len``
+      keys, the usual convention even though causal masking halves the useful work), times the Mixture-of-Depths
+      capacity on routed attention layers;
+    - ``scan``: 3 x (7 x d_inner x d_state + 2 x d_conv x d_inner) per Mamba layer (discretisation, state update
+      and read-out of the selective scan, and the depthwise convolution).
+
+    Recomputation (activation checkpointing) is not counted: MFU counts the model's FLOPs, not the hardware's.
+    """
+    s = s or summary(config)
+    embedding = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    matmul = 6 * (s["active_params"] - embedding)
+    attention = scan = 0.0
+    d_attn = config.num_attention_heads * config.head_dim
+    d_inner, n = config.mamba_d_inner, config.mamba_d_state
+    for i in range(config.num_hidden_layers):
+        if config.is_attention_layer(i):
+            capacity = config.mod_capacity if config.is_mod_layer(i) else 1.0
+            attention += 12 * seq_len * d_attn * capacity
+        else:
+            scan += 3 * (7 * d_inner * n + 2 * config.mamba_d_conv * d_inner)
+    total = matmul + attention + scan
+    return {"matmul": float(matmul), "attention": float(attention), "scan": float(scan), "total": float(total)}
+
+
 def format_summary(s: dict) -> str:
     def h(n):
         return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
