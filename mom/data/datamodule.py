@@ -25,7 +25,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from mom.data.cache import PackedSequences, TokenCache, cache_key, get_token_cache
 from mom.data.corpus import Corpus, DataError, build_corpus, stable_hash
@@ -48,10 +48,13 @@ class EpochSampler(Sampler[int]):
 
     ``set_epoch`` (Lightning calls it every epoch) picks the permutation; ``skip`` drops the first k
     indices of the next iteration only when that iteration is the given epoch (mid-epoch resume).
+    With ``num_replicas`` > 1, rank ``rank`` takes every ``num_replicas``-th index of the permutation (the
+    tail that does not divide evenly is dropped): the ranks' shards are disjoint and equally long.
     """
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, num_replicas: int = 1):
         self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.rank, self.num_replicas = int(rank), int(num_replicas)
         self.epoch = 0
         self._skip: tuple[int, int] | None = None  # (epoch, n_indices)
 
@@ -68,16 +71,26 @@ class EpochSampler(Sampler[int]):
         g = torch.Generator().manual_seed(int(self.seed) * 1_000_003 + epoch)
         return torch.randperm(self.n, generator=g)
 
+    def shard(self, epoch: int | None = None) -> torch.Tensor:
+        """This rank's indices of the epoch, in order."""
+        order = self.order(epoch)
+        return order[: len(self) * self.num_replicas][self.rank :: self.num_replicas]
+
     def __iter__(self) -> Iterator[int]:
         start = 0
         if self._skip is not None:
             if self._skip[0] == self.epoch:
                 start = self._skip[1]
             self._skip = None
-        yield from self.order()[start:].tolist()
+        yield from self.shard()[start:].tolist()
 
     def __len__(self) -> int:
-        return self.n
+        return self.n // self.num_replicas
+
+
+class DistributedEpochSampler(EpochSampler, DistributedSampler):
+    """:class:`EpochSampler` with a rank's shard. Lightning leaves a ``DistributedSampler`` as it is, where it
+    would wrap any other sampler in a ``DistributedSamplerWrapper`` (and lose the mid-epoch resume state)."""
 
 
 class ResumableDataLoader(DataLoader):
@@ -344,10 +357,20 @@ class MoMDataModule(L.LightningDataModule):
     # ---------------------------------------------------------------- loaders
 
     def train_dataloader(self) -> ResumableDataLoader:
+        trainer = self.trainer  # None outside a Trainer
+        world = trainer.world_size if trainer is not None else 1
+        if world > 1:  # every rank its own shard of each epoch's permutation
+            if len(self.train_dataset) < world * self.batch_size:
+                raise DataError(f"{len(self.train_dataset)} train windows cannot give each of {world} processes a "
+                                f"batch of {self.batch_size}: more data, or smaller data.batch_size/seq_len")
+            sampler = DistributedEpochSampler(len(self.train_dataset), seed=self.seed, shuffle=True,
+                                              rank=trainer.global_rank, num_replicas=world)
+        else:
+            sampler = EpochSampler(len(self.train_dataset), seed=self.seed, shuffle=True)
         loader = ResumableDataLoader(
             self.train_dataset,
             batch_size=self.batch_size,
-            sampler=EpochSampler(len(self.train_dataset), seed=self.seed, shuffle=True),
+            sampler=sampler,
             drop_last=True,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -427,4 +450,4 @@ def build_datamodule(
     return MoMDataModule(tokenizer_dir=tokenizer_dir, **kwargs)
 
 
-__all__ = ["MoMDataModule", "build_datamodule", "EpochSampler", "ResumableDataLoader", "DataError"]
+__all__ = ["MoMDataModule", "build_datamodule", "EpochSampler", "DistributedEpochSampler", "ResumableDataLoader", "DataError"]
