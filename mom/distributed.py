@@ -143,7 +143,8 @@ def reruns_command_line(strategy: Any, devices: Any, num_nodes: int) -> bool:
         name = str((strategy or {}).get("_target_", "")).rsplit(".", 1)[-1].lower()
         start = str((strategy or {}).get("start_method", "popen"))
     multi = devices not in (1, "1", None) or int(num_nodes or 1) > 1
-    return multi and ("ddp" in name or "fsdp" in name or "parallel" in name) and start == "popen"
+    # "auto" on several devices is Lightning's DDP with the subprocess launcher
+    return multi and any(k in name for k in ("auto", "ddp", "fsdp", "parallel")) and start == "popen"
 
 
 def launched_externally() -> bool:
@@ -151,20 +152,24 @@ def launched_externally() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "SLURM_NTASKS" in os.environ or "LOCAL_RANK" in os.environ
 
 
-def check_launch(trainer_cfg: Any) -> None:
-    """ConfigError (one line) for a launch that cannot work; see the module doc."""
-    from mom.model.config import ConfigError
-
+def in_multirun() -> bool:
+    """This job is one of a Hydra multirun (``-m``)."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
-        multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     except Exception:  # noqa: BLE001 - no Hydra runtime (tests compose configs directly)
-        multirun = False
+        return False
+
+
+def check_launch(trainer_cfg: Any) -> None:
+    """ConfigError (one line) for a launch that cannot work; see the module doc."""
+    from mom.model.config import ConfigError
+
     strategy = trainer_cfg.get("strategy")
     plain = dict(strategy) if hasattr(strategy, "items") else strategy
-    if multirun and not launched_externally() and reruns_command_line(plain, trainer_cfg.get("devices"),
+    if in_multirun() and not launched_externally() and reruns_command_line(plain, trainer_cfg.get("devices"),
                                                                      trainer_cfg.get("num_nodes", 1)):
         raise ConfigError("trainer.strategy: a multirun (-m) cannot use a strategy whose launcher reruns the command "
                           "line for the other processes (it would rerun the whole sweep); sweep with one "

@@ -42,7 +42,7 @@ def _torchrun(nodes: int, procs_per_node: int, args: list[str], env: dict, cwd: 
         for a in agents:
             a.kill()
         pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}")
-    for a, out in zip(agents, outs):
+    for a, out in zip(agents, outs, strict=True):
         assert a.returncode == 0, f"{' '.join(cmd)}\n{out[-6000:]}"
 
 
@@ -83,3 +83,154 @@ def test_ddp_two_nodes_resume_exactly_and_save_a_loadable_model(python_env, tmp_
     _torchrun(2, 1, [str(tmp_path), "trainer=ddp_cpu", "trainer.devices=1", "trainer.num_nodes=2"],
               python_env, tmp_path)
     _check_exact_resume_and_model(tmp_path)
+
+
+# ------------------------------------------------------------------------------ one process
+@pytest.fixture
+def one_process_group():
+    """A gloo process group of one (FSDP2 and DTensors need one), torn down afterwards."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def _tiny_model(compose):
+    from mom.model import MoMForCausalLM
+    from mom.utils import model_config
+
+    cfg = compose(tiny_overrides("unused"))
+    torch.manual_seed(0)
+    return MoMForCausalLM(model_config(cfg.model, cfg.precision))
+
+
+def test_fsdp_units_per_block_bf16_compute_fp32_mamba_state_parameters(compose, one_process_group):
+    from torch.distributed.fsdp import FSDPModule
+
+    from mom.distributed import shard_model
+
+    model = _tiny_model(compose)
+    names = list(model.state_dict())
+    shard_model(model, one_process_group, param_dtype="bf16", activation_checkpointing=True)
+    assert isinstance(model, FSDPModule) and all(isinstance(b, FSDPModule) for b in model.model.layers)
+    assert list(model.state_dict()) == names  # checkpoints keep the plain names (wrappers are invisible)
+    mamba = next(b for b in model.model.layers if hasattr(b, "mamba")).mamba
+    seen = {}
+    mamba.in_proj.register_forward_pre_hook(lambda m, a: seen.update(in_proj=mamba.in_proj.weight.dtype))
+    mamba.dt_layernorm.register_forward_pre_hook(lambda m, a: seen.update(
+        A_log=mamba.A_log.dtype, D=mamba.D.dtype, dt_bias=mamba.dt_proj.bias.dtype))
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids)
+    out.loss.backward()
+    assert seen == {"in_proj": torch.bfloat16, "A_log": torch.float32, "D": torch.float32,
+                    "dt_bias": torch.float32}, seen
+    assert mamba.A_log.dtype == torch.float32 and mamba.A_log.grad.dtype == torch.float32  # sharded masters fp32
+
+
+def test_global_grad_norm_of_sharded_model_is_the_whole_models(compose, one_process_group):
+    from mom.distributed import global_grad_norm, shard_model
+
+    plain, sharded = _tiny_model(compose), _tiny_model(compose)
+    shard_model(sharded, one_process_group)
+    ids = torch.randint(0, 512, (2, 16))
+    for m in (plain, sharded):
+        m(ids, labels=ids).loss.backward()
+    expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in plain.parameters() if p.grad is not None]))
+    got = global_grad_norm(sharded.parameters())
+    assert got == pytest.approx(expected.item(), rel=1e-5)
+    clipped = torch.nn.utils.clip_grad_norm_(list(sharded.parameters()), 1e-3)  # what configure_gradient_clipping calls
+    assert float(clipped.full_tensor()) == pytest.approx(expected.item(), rel=1e-5)
+    assert global_grad_norm(sharded.parameters()) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_every_rank_a_distinct_shard_and_lightning_leaves_it_alone():
+    from torch.utils.data import DistributedSampler
+
+    from mom.data.datamodule import DistributedEpochSampler, EpochSampler
+
+    shards = [DistributedEpochSampler(11, seed=3, rank=r, num_replicas=2) for r in range(2)]
+    assert isinstance(shards[0], DistributedSampler)  # so Lightning does not wrap it (and lose its resume state)
+    a, b = (list(s) for s in shards)
+    assert len(a) == len(b) == 5 and not set(a) & set(b)
+    assert set(a) | set(b) <= set(EpochSampler(11, seed=3).order().tolist()[:10])
+    shards[1].skip(0, 2)  # mid-epoch resume: the rank's next 3 windows
+    assert list(shards[1]) == b[2:]
+
+
+def test_datamodule_pickles(compose, tmp_path):
+    from mom.data.datamodule import build_datamodule
+
+    cfg = compose(tiny_overrides(tmp_path))
+    dm = build_datamodule(cfg.data, tokenizer_dir=tmp_path / "tok")
+    dm.prepare_data()
+    dm.setup("fit")
+    copy = pickle.loads(pickle.dumps(dm))  # what a spawning launcher (and DataLoader workers) need
+    assert len(copy.train_dataset) == len(dm.train_dataset) and copy.vocab_size == dm.vocab_size
+
+
+def test_a_multirun_with_a_command_line_relauncher_is_refused(compose, monkeypatch):
+    import mom.distributed as d
+    from mom.model.config import ConfigError
+
+    monkeypatch.setattr(d, "in_multirun", lambda: True)
+    for var in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    for trainer in ("ddp_cpu", "fsdp_cpu"):
+        with pytest.raises(ConfigError, match="multirun") as e:
+            d.check_launch(compose([f"trainer={trainer}", "paths.run_dir=unused"]).trainer)
+        assert "\n" not in str(e.value)
+    d.check_launch(compose(tiny_overrides("unused")).trainer)  # one process: fine
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # torchrun started the processes: no relaunch
+    d.check_launch(compose(["trainer=ddp_cpu", "paths.run_dir=unused"]).trainer)
+
+
+def test_training_flops_per_token(compose):
+    from mom.model.summary import summary, training_flops_per_token
+    from mom.utils import model_config
+
+    composed = compose(["model=momv4", "paths.run_dir=unused"])
+    cfg = model_config(composed.model, composed.precision)
+    s = summary(cfg)
+    short, long = training_flops_per_token(cfg, 1024, s), training_flops_per_token(cfg, 2048, s)
+    embedding = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
+    assert short["matmul"] == 6 * (s["active_params"] - embedding)
+    attn = [i for i in range(cfg.num_hidden_layers) if cfg.is_attention_layer(i)]
+    per_key = sum(12 * cfg.num_attention_heads * cfg.head_dim * (cfg.mod_capacity if cfg.is_mod_layer(i) else 1)
+                  for i in attn)
+    assert long["attention"] - short["attention"] == pytest.approx(1024 * per_key)
+    assert short["scan"] > 0 and short["total"] == short["matmul"] + short["attention"] + short["scan"]
+    assert 0.9 < short["matmul"] / short["total"] < 1.0  # 6N dominates at momv4 size
+
+
+def test_peak_flops_values_and_presets():
+    from mom.model.config import ConfigError
+    from mom.throughput import PEAK_FLOPS, resolve_peak_flops
+
+    assert resolve_peak_flops(2.5e14, "cpu") == (2.5e14, "trainer.peak_flops")
+    assert resolve_peak_flops("3e12", "cpu")[0] == 3e12
+    assert resolve_peak_flops("h100", "cpu") == (PEAK_FLOPS["h100"], "h100")
+    assert resolve_peak_flops(None, "cpu")[0] is None
+    peak, why = resolve_peak_flops("auto", "cpu")
+    assert peak is None and "trainer.peak_flops" in why
+    with pytest.raises(ConfigError, match="trainer.peak_flops"):
+        resolve_peak_flops("h1000", "cpu")
+
+
+def test_throughput_and_mfu_logged_and_summarised(compose, train_fn, tmp_path, capsys):
+    run = tmp_path / "run"
+    metrics = train_fn(compose(tiny_overrides(run) + ["trainer.max_steps=4", "trainer.peak_flops=1e11",
+                                                     "final_validate=false", "save_model=false"]))
+    for key in ("train/tokens_per_s", "train/samples_per_s", "train/tflops_per_s", "train/mfu", "run/mfu"):
+        assert key in metrics and metrics[key] > 0, (key, sorted(metrics))
+    assert metrics["run/tokens_per_s"] == pytest.approx(metrics["run/samples_per_s"] * 32)  # 32-token windows
+    assert metrics["run/mfu"] == pytest.approx(metrics["run/tflops_per_s"] * 1e12 / 1e11)
+    with open(run / "metrics.csv", newline="") as f:
+        cols = set(next(csv.DictReader(f)))
+    assert {"train/tokens_per_s", "train/mfu"} <= cols
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "MFU" in out and "trainer.peak_flops" in out

@@ -243,6 +243,13 @@ class MoMDataModule(L.LightningDataModule):
         self.train_dataset: PackedSequences | None = None
         self.val_dataset: PackedSequences | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # picklable for spawning launchers and DataLoader workers: the corpus may hold loader closures, and
+        # after setup only the token caches are read (the corpus is rebuilt from corpus_args if ever needed)
+        state = self.__dict__.copy()
+        state["corpus"] = None
+        return state
+
     # ---------------------------------------------------------------- building
 
     def _get_corpus(self) -> Corpus:
