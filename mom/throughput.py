@@ -10,7 +10,8 @@
 
 ``trainer.peak_flops`` is the dense bf16 peak FLOP/s of one device: a number, a preset of :data:`PEAK_FLOPS`
 (``h100``, ``a100`` ...), ``auto`` (the preset matching the CUDA device's name, else Lightning's table; none on
-CPU) or ``null`` (no MFU). :meth:`ThroughputMonitor.summary` gives the run averages for the final summary.
+CPU) or ``null`` (no MFU). :meth:`ThroughputMonitor.summary` gives the run averages for the final summary (and
+the peak CUDA memory allocated, on GPUs).
 """
 
 from __future__ import annotations
@@ -89,10 +90,14 @@ class ThroughputMonitor(Callback):
         self._tokens = self._samples = 0  # all processes, since the first batch ended
         self._t_last: float | None = None
         self._world = 1
+        self._cuda: torch.device | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset()
         self._world = trainer.world_size
+        self._cuda = trainer.strategy.root_device if trainer.strategy.root_device.type == "cuda" else None
+        if self._cuda is not None:
+            torch.cuda.reset_peak_memory_stats(self._cuda)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -138,7 +143,10 @@ class ThroughputMonitor(Callback):
         """Run averages (first batch excluded): tokens_per_s, samples_per_s, tflops_per_s, mfu (when known)."""
         if self._train_time <= 0:
             return {}
-        return self._rates(self._tokens / self._train_time, self._samples / self._train_time)
+        out = self._rates(self._tokens / self._train_time, self._samples / self._train_time)
+        if self._cuda is not None:
+            out["peak_memory_gib"] = torch.cuda.max_memory_allocated(self._cuda) / 2**30
+        return out
 
     def summary_line(self) -> str:
         s = self.summary()
@@ -147,11 +155,14 @@ class ThroughputMonitor(Callback):
         line = (f"throughput: {s['tokens_per_s']:,.0f} tokens/s, {s['samples_per_s']:,.2f} samples/s "
                 f"({self._world} process{'es' if self._world > 1 else ''})")
         if "tflops_per_s" in s:
-            line += f", {s['tflops_per_s']:.4g} model TFLOP/s per device ({self.flops_per_token / 1e6:.3g} MFLOP/token)"
+            line += f", {s['tflops_per_s'] * 1e3:.4g} model GFLOP/s per device ({self.flops_per_token / 1e6:.4g} " \
+                    "MFLOP/token)"
         if "mfu" in s:
             line += f", MFU {s['mfu']:.2%} of {self.peak_flops / 1e12:.4g} TFLOP/s ({self.peak_source})"
         else:
             line += f", MFU n/a: {self.peak_source}"
+        if "peak_memory_gib" in s:
+            line += f", peak memory {s['peak_memory_gib']:.2f} GiB"
         return line
 
 
