@@ -234,3 +234,22 @@ def test_throughput_and_mfu_logged_and_summarised(compose, train_fn, tmp_path, c
     assert {"train/tokens_per_s", "train/mfu"} <= cols
     out = capsys.readouterr().out
     assert "tokens/s" in out and "MFU" in out and "trainer.peak_flops" in out
+
+
+def test_prepare_once_local_rank_zero_first(monkeypatch, tmp_path):
+    import threading
+
+    from mom.distributed import prepare_once
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "t1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    order: list[str] = []
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    waiter = threading.Thread(target=prepare_once, args=(lambda: order.append("rank1"), tmp_path))
+    waiter.start()  # reads the environment now: local rank 1, waits for rank 0's marker
+    waiter.join(timeout=1.0)
+    assert waiter.is_alive() and order == []
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    prepare_once(lambda: order.append("rank0"), tmp_path)
+    waiter.join(timeout=10)
+    assert order == ["rank0", "rank1"]
