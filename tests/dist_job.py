@@ -24,8 +24,8 @@ def overrides(run_dir: Path, trainer: list[str]) -> list[str]:
 
 def main() -> None:
     out, trainer = Path(sys.argv[1]), sys.argv[2:]
+    from mom.config import compose
     from mom.train import train
-    from mom.utils import compose
 
     rank = int(os.environ.get("RANK", "0"))
     full = train(compose("train", overrides(out / "full", trainer) + ["save_model=false"]))

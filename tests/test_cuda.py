@@ -65,9 +65,9 @@ def test_packed_layers_on_cuda_match_bitlinear():
 
 
 def test_cached_generation_on_cuda_equals_full_recompute(compose):
+    from mom.config import model_config
     from mom.model import MoMForCausalLM
     from mom.model.cache import MoMCache
-    from mom.utils import model_config
 
     cfg = compose(tiny_overrides("unused"))
     torch.manual_seed(0)

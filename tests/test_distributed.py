@@ -100,8 +100,8 @@ def one_process_group():
 
 
 def _tiny_model(compose):
+    from mom.config import model_config
     from mom.model import MoMForCausalLM
-    from mom.utils import model_config
 
     cfg = compose(tiny_overrides("unused"))
     torch.manual_seed(0)
@@ -190,8 +190,8 @@ def test_a_multirun_with_a_command_line_relauncher_is_refused(compose, monkeypat
 
 
 def test_training_flops_per_token(compose):
+    from mom.config import model_config
     from mom.model.summary import summary, training_flops_per_token
-    from mom.utils import model_config
 
     composed = compose(["model=momv4", "paths.run_dir=unused"])
     cfg = model_config(composed.model, composed.precision)

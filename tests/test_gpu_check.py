@@ -42,8 +42,8 @@ def test_without_a_gpu_it_says_so():
 
 
 def test_the_momv4_shrink_keeps_momv4_but_its_depth(compose):
+    from mom.config import model_config
     from mom.model.summary import summary
-    from mom.utils import model_config
 
     ovr = [o for o in gpu_check.train_overrides(6, 50, REPO / "unused") if not o.startswith("hydra.")]
     shrunk = compose(ovr + ["paths.run_dir=unused"])
