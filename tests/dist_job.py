@@ -13,12 +13,11 @@ import os
 import sys
 from pathlib import Path
 
-from tests.conftest import TINY_RUN, small_model_overrides
+from tests.helpers.overrides import TINY_RUN, small_model_overrides
 
 
 def overrides(run_dir: Path, trainer: list[str]) -> list[str]:
-    keep = [o for o in TINY_RUN if not o.startswith(("trainer.accelerator", "trainer.devices", "trainer.strategy"))]
-    return ["model=jamba_tiny", *small_model_overrides(), *trainer, *keep, f"paths.run_dir={run_dir}",
+    return ["model=jamba_tiny", *small_model_overrides(), *TINY_RUN, *trainer, f"paths.run_dir={run_dir}",
             "callbacks.model_checkpoint.save_top_k=-1", "trainer.limit_val_batches=0", "final_validate=false"]
 
 

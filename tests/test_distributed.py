@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import PYTHON, REPO, tiny_overrides
+from tests.helpers import PYTHON, REPO
+from tests.helpers.overrides import tiny_overrides
 
 JOB = REPO / "tests" / "dist_job.py"
 
@@ -253,3 +254,18 @@ def test_prepare_once_local_rank_zero_first(monkeypatch, tmp_path):
     prepare_once(lambda: order.append("rank0"), tmp_path)
     waiter.join(timeout=10)
     assert order == ["rank0", "rank1"]
+
+
+def test_trainer_fsdp_builds_as_on_gpus(compose, tmp_path):
+    """trainer=fsdp (the GPU option) with the accelerator swapped for the CPU: FSDP2 strategy, bf16 compute, fp32
+    reductions, clipping by norm kept (configure_gradient_clipping makes it work under FSDP)."""
+    from mom.distributed import FSDPStrategy
+    from mom.train import build_trainer
+
+    cfg = compose(["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2", "logger=csv",
+                   f"paths.run_dir={tmp_path}"])
+    trainer = build_trainer(cfg, tmp_path)
+    assert isinstance(trainer.strategy, FSDPStrategy) and trainer.world_size == 2
+    assert trainer.strategy.shard_options == {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32,
+                                              "activation_checkpointing": False, "reshard_after_forward": True}
+    assert str(trainer.precision) == "bf16-mixed" and trainer.gradient_clip_val == 1.0

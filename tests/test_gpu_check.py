@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
 import gpu_check  # noqa: E402
@@ -20,6 +20,7 @@ def _sh(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_dry_run_prints_the_plan():
     res = _sh("--dry-run", "--layers", "4", "--steps", "20")
     assert res.returncode == 0, res.stderr
@@ -29,12 +30,14 @@ def test_dry_run_prints_the_plan():
     assert "install" not in _sh("--dry-run", "--skip-install").stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--steps", "1"], ["--layers", "0"], ["--nope"]])
 def test_bad_arguments_are_refused(args):
     res = _sh(*args)
     assert res.returncode == 2 and "error:" in res.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU path")
 def test_without_a_gpu_it_says_so():
     res = _sh("--skip-install")
