@@ -200,12 +200,20 @@ def in_multirun() -> bool:
         return False
 
 
-def check_launch(trainer_cfg: Any) -> None:
-    """ConfigError (one line) for a launch that cannot work; see the module doc."""
+def _is_fsdp_config(strategy: Any) -> bool:
+    target = strategy.get("_target_", "") if isinstance(strategy, dict) else str(strategy or "")
+    return "fsdp" in str(target).lower() or str(target).endswith("ModelParallelStrategy")
+
+
+def check_launch(trainer_cfg: Any, optimizer: Any = None) -> None:
+    """ConfigError (one line) for a launch that cannot work (see the module doc), or an optimizer FSDP cannot run."""
     from mom.model.config import ConfigError
 
     strategy = trainer_cfg.get("strategy")
     plain = dict(strategy) if hasattr(strategy, "items") else strategy
+    if _is_fsdp_config(plain) and str((optimizer or {}).get("name", "")).startswith("galore"):
+        raise ConfigError("optimizer: GaLore projects whole 2-D gradients and FSDP shards them; use optimizer=adamw "
+                          "with trainer=fsdp/fsdp_cpu, or GaLore with trainer=ddp")
     if in_multirun() and not launched_externally() and reruns_command_line(plain, trainer_cfg.get("devices"),
                                                                      trainer_cfg.get("num_nodes", 1)):
         raise ConfigError("trainer.strategy: a multirun (-m) cannot use a strategy whose launcher reruns the command "

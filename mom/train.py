@@ -134,7 +134,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = resolve_accelerator(cfg.trainer.accelerator)
     check_optimizer(cfg.optimizer, accelerator)  # before any data or model work
-    check_launch(cfg.trainer)  # e.g. a multirun with a launcher that reruns the command line
+    check_launch(cfg.trainer, cfg.optimizer)  # e.g. a multirun with a launcher that reruns the command line
     model_config(cfg.model, cfg.precision)  # ConfigError naming the key, before the tokenizer is trained
     if accelerator == "cuda":
         torch.set_float32_matmul_precision("high")

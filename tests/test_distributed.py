@@ -188,6 +188,9 @@ def test_a_multirun_with_a_command_line_relauncher_is_refused(compose, monkeypat
     d.check_launch(compose(tiny_overrides("unused")).trainer)  # one process: fine
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")  # torchrun started the processes: no relaunch
     d.check_launch(compose(["trainer=ddp_cpu", "paths.run_dir=unused"]).trainer)
+    cfg = compose(["trainer=fsdp_cpu", "optimizer=galore_adamw", "paths.run_dir=unused"])
+    with pytest.raises(ConfigError, match="GaLore"):
+        d.check_launch(cfg.trainer, cfg.optimizer)
 
 
 def test_training_flops_per_token(compose):
