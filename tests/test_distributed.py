@@ -272,3 +272,13 @@ def test_trainer_fsdp_builds_as_on_gpus(compose, tmp_path):
     assert trainer.strategy.shard_options == {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32,
                                               "activation_checkpointing": False, "reshard_after_forward": True}
     assert str(trainer.precision) == "bf16-mixed" and trainer.gradient_clip_val == 1.0
+
+
+@pytest.mark.slow
+def test_a_ddp_cpu_sweep_is_refused_in_one_line(python_env, tmp_path):
+    cmd = [PYTHON, "-m", "mom.train", "-m", "trainer=ddp_cpu", "debug=fast", "model=jamba_tiny", "seed=1,2",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    res = subprocess.run(cmd, env=python_env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: trainer.strategy: a multirun (-m)") and "Traceback" not in res.stderr
