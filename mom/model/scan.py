@@ -21,9 +21,10 @@ Implementations (``impl``):
   the backward recomputes each chunk's states and runs the adjoint recurrence in reverse time
   (``g_{t-1} += exp(dt_t*A) * g_t``), then forms every gradient with a few batched matmuls. Memory is
   O(b*d*T*n) on top of the inputs, independent of the sequence length.
-* ``"cuda"``: mamba_ssm's CUDA kernel (needs mamba_ssm and CUDA tensors; it has no initial state, so with
-  ``initial_state`` this falls back to ``"fast"``). Raises ``RuntimeError`` when unavailable.
-* ``"auto"``: ``"cuda"`` when possible, else ``"fast"``; never fails on CPU.
+* ``"cuda"``: mamba_ssm's CUDA kernel (needs mamba_ssm, a CUDA device and a successful probe call, see
+  ``mom.model.kernels``; it has no initial state, so with ``initial_state`` this falls back to ``"fast"``).
+  Raises ``RuntimeError`` when unavailable. The arguments are cast to the dtypes the kernel checks.
+* ``"auto"``: ``"cuda"`` when usable, else ``"fast"``; never fails.
 """
 
 from __future__ import annotations
@@ -33,12 +34,15 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from mom.model import kernels
+
 __all__ = [
     "selective_scan",
     "selective_scan_reference",
     "selective_scan_fast",
     "selective_state_update",
     "mamba_ssm_available",
+    "step_reference",
 ]
 
 #: Time steps per chunk of the fast path (trades Python overhead against buffer size).
@@ -51,36 +55,9 @@ def _acc(t: torch.Tensor) -> torch.dtype:
     """Accumulation dtype: float32, or float64 for float64 inputs (exactness tests without float noise)."""
     return torch.float64 if t.dtype == torch.float64 else _F32
 
-# --------------------------------------------------------------------------------------------------------
-# optional kernels
-# --------------------------------------------------------------------------------------------------------
-_CUDA_SCAN = None
-_CUDA_STEP = None
-_CUDA_CHECKED = False
-
-
-def _load_kernels():
-    global _CUDA_SCAN, _CUDA_STEP, _CUDA_CHECKED
-    if not _CUDA_CHECKED:
-        _CUDA_CHECKED = True
-        try:  # pragma: no cover - needs mamba_ssm
-            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-
-            _CUDA_SCAN = selective_scan_fn
-        except Exception:  # ImportError, or a broken build
-            _CUDA_SCAN = None
-        try:  # pragma: no cover - needs mamba_ssm + triton
-            from mamba_ssm.ops.triton.selective_state_update import selective_state_update as ssu
-
-            _CUDA_STEP = ssu
-        except Exception:
-            _CUDA_STEP = None
-    return _CUDA_SCAN, _CUDA_STEP
-
-
 def mamba_ssm_available() -> bool:
-    """True when mamba_ssm's selective_scan_fn can be imported (and CUDA exists)."""
-    return torch.cuda.is_available() and _load_kernels()[0] is not None
+    """True when mamba_ssm's selective scan is importable *and* passes its probe call on the CUDA device."""
+    return torch.cuda.is_available() and kernels.get("selective_scan", torch.device("cuda")) is not None
 
 
 def _no_autocast(device_type: str):
@@ -355,18 +332,34 @@ def selective_scan_fast(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
 # --------------------------------------------------------------------------------------------------------
 # dispatch
 # --------------------------------------------------------------------------------------------------------
-def _cuda_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):  # pragma: no cover
-    fn = _load_kernels()[0]
-    out = fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-             return_last_state=return_last_state)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernel_scan(fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    """mamba_ssm's selective_scan_fn with the argument dtypes its CUDA code checks (selective_scan.cpp):
+    delta, B, C and z in u's dtype, A, D and delta_bias float32. MoM's B and C come out of fp32 RMSNorms and,
+    under FSDP or a bf16 model, D and the dt bias are bf16: without these casts the kernel refuses them."""
+    low = u.dtype
+    out = fn(u, delta.to(low), A.float(), B.to(low), C.to(low),
+             D=D.float() if D is not None else None, z=z.to(low) if z is not None else None,
+             delta_bias=delta_bias.float() if delta_bias is not None else None,
+             delta_softplus=delta_softplus, return_last_state=return_last_state)
     if return_last_state:
         y, last = out
-        return y, last.to(_acc(last))
+        return y, last.float().contiguous()  # a view into the kernel's chunk states: do not keep those alive
     return out
 
 
-def _cuda_usable(*tensors) -> bool:
-    return _load_kernels()[0] is not None and all(t is None or t.is_cuda for t in tensors)
+def _scan_kernel(u, A, initial_state, return_last_state, tensors):
+    """mamba_ssm's scan when it can compute this call exactly, else None. It has no initial state, needs
+    dstate <= 256, and ignores the gradient of the last state (so not when that state may need one)."""
+    if initial_state is not None or u.dtype not in _KERNEL_DTYPES or A.shape[1] > 256:
+        return None
+    if return_last_state and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return None
+    if any(t is not None and t.device != u.device for t in tensors):
+        return None
+    return kernels.get("selective_scan", u.device)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -382,16 +375,15 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         return selective_scan_fast(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                    initial_state, return_last_state)
     if impl in ("cuda", "auto"):
-        usable = _cuda_usable(u, delta, A, B, C, D, z, delta_bias)
-        if impl == "cuda" and not usable:
-            if _load_kernels()[0] is None:
-                why = "mamba_ssm is not importable (pip install 'mom[gpu]' on a CUDA machine)"
-            else:
-                why = "the tensors are not on a CUDA device"
+        _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+        tensors = (u, delta, A, B, C, D, z, delta_bias)
+        fn = _scan_kernel(u, A, None, False, tensors)  # usable at all for these tensors?
+        if impl == "cuda" and fn is None:
+            why = kernels.why_unusable("selective_scan", u.device) if u.dtype in _KERNEL_DTYPES else \
+                f"dtype {u.dtype} is not supported by the kernel"
             raise RuntimeError(f"selective_scan(impl='cuda') is unavailable: {why}; use impl='auto' or 'fast'")
-        if usable and initial_state is None:
-            _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
-            return _cuda_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        if fn is not None and _scan_kernel(u, A, initial_state, return_last_state, tensors) is not None:
+            return _kernel_scan(fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
         return selective_scan_fast(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                    initial_state, return_last_state)
     raise ValueError(f"unknown selective_scan impl {impl!r}; expected auto, fast, reference or cuda")
@@ -403,7 +395,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """One recurrent step, updating ``state`` (b, d, n) in place; x, dt, z: (b, d); B, C: (b, n).
 
-    Returns y (b, d) in ``x.dtype``. Uses mamba_ssm's Triton kernel on CUDA when importable.
+    Returns y (b, d) in ``x.dtype``. Uses mamba_ssm's Triton kernel on CUDA when it is usable; it is given
+    a ``dt_bias`` always (its wrapper cannot take None: it unpacks the bias's strides).
     """
     b, d = x.shape
     if state.dim() != 3 or state.shape[:2] != (b, d):
@@ -412,9 +405,16 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     if dt.shape != (b, d) or B.shape != (b, n) or C.shape != (b, n) or A.shape != (d, n):
         raise ValueError("selective_state_update: expected dt (b, d), A (d, n), B and C (b, n); got "
                          f"{tuple(dt.shape)}, {tuple(A.shape)}, {tuple(B.shape)}, {tuple(C.shape)}")
-    step = _load_kernels()[1]
-    if step is not None and state.is_cuda and x.is_cuda:  # pragma: no cover - needs CUDA
-        return step(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+    if x.dtype in _KERNEL_DTYPES and state.dtype in _KERNEL_DTYPES:
+        step = kernels.get("selective_state_update", x.device)
+        if step is not None:
+            bias = dt_bias.float() if dt_bias is not None else torch.zeros(d, device=x.device)
+            return step(state, x, dt, A, B, C, D=D, z=z, dt_bias=bias, dt_softplus=dt_softplus)
+    return step_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+def step_reference(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """PyTorch form of :func:`selective_state_update` (updates ``state`` in place, returns y in x.dtype)."""
     with _no_autocast(x.device.type):
         dtf = dt.to(_acc(dt))
         if dt_bias is not None:
