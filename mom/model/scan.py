@@ -20,7 +20,11 @@ Implementations (``impl``):
   an in-place ``addcmul_`` per step (no autograd graph). Only the chunk-start states are kept for backward;
   the backward recomputes each chunk's states and runs the adjoint recurrence in reverse time
   (``g_{t-1} += exp(dt_t*A) * g_t``), then forms every gradient with a few batched matmuls. Memory is
-  O(b*d*T*n) on top of the inputs, independent of the sequence length.
+  O(b*d*T*n) on top of the inputs, independent of the sequence length. On GPUs (``parallel``, the default
+  off the CPU) each chunk's recurrences are solved in log2(chunk) rounds of a few whole-chunk ops
+  (Hillis-Steele) instead of one small op per step: a GPU without mamba-ssm is bound by kernel launches,
+  and this cuts them ~10x (tests/test_scan.py counts them); the CPU keeps the per-step form, which reads
+  the buffers once.
 * ``"cuda"``: mamba_ssm's CUDA kernel (needs mamba_ssm, a CUDA device and a successful probe call, see
   ``mom.model.kernels``; it has no initial state, so with ``initial_state`` this falls back to ``"fast"``).
   Raises ``RuntimeError`` when unavailable. The arguments are cast to the dtypes the kernel checks.
@@ -30,6 +34,7 @@ Implementations (``impl``):
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +52,11 @@ __all__ = [
 
 #: Time steps per chunk of the fast path (trades Python overhead against buffer size).
 CHUNK_SIZE = 16
+#: Most time steps per chunk of its log-depth form (GPUs): ~40 ops forward and ~100 backward per chunk,
+#: whatever its length, and 3-5 (chunk, b, d, n) fp32 buffers ...
+PARALLEL_CHUNK_SIZE = 256
+#: ... of at most this many bytes each (the chunk is shortened for large b * d * n).
+PARALLEL_BUFFER_BYTES = 256 * 2**20
 
 _F32 = torch.float32
 
@@ -130,18 +140,43 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 # --------------------------------------------------------------------------------------------------------
 # fast path
 # --------------------------------------------------------------------------------------------------------
-def _chunk_states(dt_t, u_t, B_t, Af, h0, s, e, dA_buf, hs_buf):
+def _recurrence_(x, P, reverse=False):
+    """Solve a linear recurrence in place along dim 0 in log2(T) rounds (Hillis-Steele), ~4 ops per round
+    instead of one per step: forward ``x_t += P_t * x_{t-1}`` (t = 1..T-1, P_0 unused), reverse
+    ``x_t += P_t * x_{t+1}`` (t = T-2..0, P_{T-1} unused). ``P`` holds the coefficients and is overwritten
+    (products of runs of them); entries never read at a later round may be left stale."""
+    T = x.shape[0]
+    k = 1
+    while k < T:
+        if reverse:
+            x[:-k] += P[:-k] * x[k:]
+            if 2 * k < T:
+                P[:-k].copy_(P[:-k] * P[k:])
+        else:
+            x[k:] += P[k:] * x[:-k]
+            if 2 * k < T:
+                P[k:].copy_(P[k:] * P[:-k])
+        k *= 2
+
+
+def _chunk_states(dt_t, u_t, B_t, Af, h0, s, e, dA_buf, hs_buf, P_buf=None):
     """States of steps s..e-1 written into the (chunk, b, d, n) work buffers; returns the (T, b, d, n) views
-    dA = exp(dt*A) and hs = the states."""
+    dA = exp(dt*A) and hs = the states. With ``P_buf`` (a third buffer) the recurrence runs in log-depth
+    rounds (few large ops: GPUs), else one in-place ``addcmul_`` per step (least memory traffic: CPUs)."""
     dts = dt_t[s:e]
     dA = dA_buf[: e - s]
     hs = hs_buf[: e - s]
     torch.mul(dts.unsqueeze(-1), Af, out=dA).exp_()
     torch.mul((dts * u_t[s:e]).unsqueeze(-1), B_t[s:e].unsqueeze(2), out=hs)
+    if h0 is not None:
+        hs[0].addcmul_(dA[0], h0)
+    if P_buf is not None:
+        P = P_buf[: e - s]
+        P.copy_(dA)
+        _recurrence_(hs, P)
+        return dA, hs
     hs_l = hs.unbind(0)
     dA_l = dA.unbind(0)
-    if h0 is not None:
-        hs_l[0].addcmul_(dA_l[0], h0)
     prev = hs_l[0]
     for t in range(1, e - s):
         cur = hs_l[t]
@@ -157,7 +192,7 @@ def _time_major(x):
 
 class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk, parallel):
         with _no_autocast(u.device.type):
             b, d, L = u.shape
             n = A.shape[1]
@@ -169,14 +204,15 @@ class _SelectiveScanFn(torch.autograd.Function):
             work = min(chunk, L)
             dA_buf = torch.empty((work, b, d, n), dtype=_acc(u), device=u.device)
             hs_buf = torch.empty_like(dA_buf)
+            P_buf = torch.empty_like(dA_buf) if parallel else None
             starts = []
             for s in range(0, L, chunk):
                 e = min(s + chunk, L)
                 starts.append(h)
-                _, hs = _chunk_states(dt_t, u_t, B_t, Af, h, s, e, dA_buf, hs_buf)
+                _, hs = _chunk_states(dt_t, u_t, B_t, Af, h, s, e, dA_buf, hs_buf, P_buf)
                 h = hs[-1].clone()
                 torch.sum(hs.mul_(C_t[s:e].unsqueeze(2)), dim=-1, out=ys[s:e])
-            del dA_buf, hs_buf, hs
+            del dA_buf, hs_buf, hs, P_buf
             y = ys.permute(1, 2, 0).contiguous()  # (b, d, l)
             del ys
             if D is not None:
@@ -198,7 +234,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             ctx.has_h0 = initial_state is not None
             ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
             ctx.delta_softplus = delta_softplus
-            ctx.chunk = chunk
+            ctx.chunk, ctx.parallel = chunk, parallel
             ctx.set_materialize_grads(False)
         return y_out, last
 
@@ -243,6 +279,7 @@ class _SelectiveScanFn(torch.autograd.Function):
                 hs_buf = torch.empty_like(dA_buf)
                 tmp_buf = torch.empty_like(dA_buf)
                 G_buf = torch.empty_like(dA_buf) if need_g else None
+                P_buf = torch.empty_like(dA_buf) if ctx.parallel else None
                 carry_buf = torch.empty((b, d, n), dtype=_acc(u), device=u.device)
                 n_chunks = (L + chunk - 1) // chunk
                 for c in range(n_chunks - 1, -1, -1):
@@ -250,7 +287,7 @@ class _SelectiveScanFn(torch.autograd.Function):
                     e = min(s + chunk, L)
                     T = e - s
                     h0 = st[c] if (c > 0 or ctx.has_h0) else None
-                    dA, hs = _chunk_states(dt_t, u_t, B_t, Af, h0, s, e, dA_buf, hs_buf)
+                    dA, hs = _chunk_states(dt_t, u_t, B_t, Af, h0, s, e, dA_buf, hs_buf, P_buf)
                     tmp = tmp_buf[:T]
                     if gC_t is not None:
                         torch.sum(torch.mul(hs, gy_t[s:e].unsqueeze(-1), out=tmp), dim=2, out=gC_t[s:e])
@@ -258,20 +295,24 @@ class _SelectiveScanFn(torch.autograd.Function):
                         continue
                     # adjoint of the states: G_t = C_t gy_t + dA_{t+1} G_{t+1}
                     G = torch.mul(gy_t[s:e].unsqueeze(-1), C_t[s:e].unsqueeze(2), out=G_buf[:T])
-                    G_l = G.unbind(0)
-                    dA_l = dA.unbind(0)
                     if carry is not None:
-                        G_l[T - 1].add_(carry)
-                    for t in range(T - 2, -1, -1):
-                        G_l[t].addcmul_(dA_l[t + 1], G_l[t + 1])
-                    carry = torch.mul(dA_l[0], G_l[0], out=carry_buf)  # grad wrt the chunk's incoming state
+                        G[T - 1].add_(carry)
+                    if P_buf is not None and T > 1:
+                        P_buf[: T - 1].copy_(dA[1:])  # G_t += dA_{t+1} * G_{t+1}
+                        P_buf[T - 1].zero_()  # never a coefficient; defined so no stale NaN travels
+                        _recurrence_(G, P_buf[:T], reverse=True)
+                    else:
+                        G_l, dA_l = G.unbind(0), dA.unbind(0)
+                        for t in range(T - 2, -1, -1):
+                            G_l[t].addcmul_(dA_l[t + 1], G_l[t + 1])
+                        del G_l, dA_l
+                    carry = torch.mul(dA[0], G[0], out=carry_buf)  # grad wrt the chunk's incoming state
                     if gB_t is not None:
                         dtu = dt_t[s:e] * u_t[s:e]
                         torch.sum(torch.mul(G, dtu.unsqueeze(-1), out=tmp), dim=2, out=gB_t[s:e])
                     torch.sum(torch.mul(G, B_t[s:e].unsqueeze(2), out=tmp), dim=-1, out=sGB_t[s:e])
                     # X_t = G_t * dA_t * h_{t-1}   (grad wrt dt*A), built in place in dA
                     X = dA.mul_(G)
-                    del G_l, dA_l
                     if T > 1:
                         X[1:].mul_(hs[:-1])
                     if h0 is not None:
@@ -281,7 +322,7 @@ class _SelectiveScanFn(torch.autograd.Function):
                     if gAf is not None:
                         gAf.add_(torch.mul(X, dt_t[s:e].unsqueeze(-1), out=tmp).sum((0, 1)))
                     torch.sum(X.mul_(Af), dim=-1, out=gdt_t[s:e])
-                del dA_buf, hs_buf, tmp_buf, G_buf
+                del dA_buf, hs_buf, tmp_buf, G_buf, P_buf
 
                 if need_g:
                     if need[8] and ctx.has_h0:
@@ -314,18 +355,24 @@ class _SelectiveScanFn(torch.autograd.Function):
                 gD = gD.to(D.dtype)
             if gz is not None:
                 gz = gz.to(z.dtype)
-        return gu, gdelta, gA, gB, gC, gD, gz, gbias, gh0, None, None
+        return gu, gdelta, gA, gB, gC, gD, gz, gbias, gh0, None, None, None
 
 
 def selective_scan_fast(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                        initial_state=None, return_last_state=False, chunk_size=None):
-    """Chunked in-place scan with a hand-written backward (see the module docstring)."""
+                        initial_state=None, return_last_state=False, chunk_size=None, parallel=None):
+    """Chunked in-place scan with a hand-written backward (see the module docstring). ``parallel``: solve
+    each chunk's recurrence in log-depth rounds (default: on every device but the CPU)."""
     _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if parallel is None:
+        parallel = u.device.type != "cpu"
+    if chunk_size is None and parallel:
+        per_step = u.shape[0] * u.shape[1] * A.shape[1] * 4
+        chunk_size = max(CHUNK_SIZE, min(PARALLEL_CHUNK_SIZE, 2 ** int(math.log2(max(PARALLEL_BUFFER_BYTES // per_step, 1)))))
     chunk = int(chunk_size or CHUNK_SIZE)
     if chunk < 1:
         raise ValueError("chunk_size must be >= 1")
     y, last = _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
-                                     bool(delta_softplus), chunk)
+                                     bool(delta_softplus), chunk, bool(parallel))
     return (y, last) if return_last_state else y
 
 
