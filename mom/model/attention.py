@@ -13,7 +13,15 @@ from torch import nn
 from mom.model.bitlinear import make_linear
 from mom.model.cache import AttentionState
 from mom.model.config import MoMConfig
-from mom.model.experts import expert_map, load_balance_loss, load_max, plan_experts, stable_top_k, want_aux, z_loss
+from mom.model.experts import (
+    expert_map,
+    load_balance_loss,
+    load_max,
+    plan_experts,
+    stable_top_k,
+    want_aux,
+    z_loss,
+)
 
 
 def with_cache(k, v, key_valid, state: AttentionState | None):
