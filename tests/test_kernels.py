@@ -128,3 +128,32 @@ def test_auto_falls_back_when_the_installed_scan_raises(monkeypatch, caplog):
 def test_without_standins_nothing_is_used_on_cpu():
     assert kernels.get("selective_scan", torch.device("cpu")) is None
     assert "not a CUDA device" in kernels.status("cpu")["selective_scan"]
+
+
+# ------------------------------------------------------------------------------ problem 9
+#: PyTorch APIs MoM calls and the release that added them
+API_SINCE = {"enable_gqa=": (2, 5), "torch.get_autocast_dtype(": (2, 4), "F.rms_norm(": (2, 4)}
+
+
+def test_torch_floor_covers_the_apis_called():
+    import re
+
+    from tests.conftest import REPO
+
+    floor = re.search(r'"torch>=(\d+)\.(\d+)', (REPO / "pyproject.toml").read_text())
+    floor = (int(floor.group(1)), int(floor.group(2)))
+    source = "\n".join(p.read_text() for p in (REPO / "mom").rglob("*.py"))
+    needed = max((v for api, v in API_SINCE.items() if api in source), default=(0, 0))
+    assert floor >= needed, f"pyproject allows torch {floor}, the code needs {needed}"
+
+
+def test_packed_lowp_layout_costs_what_the_docstring_says():
+    from mom.model import packed
+    from mom.model.bitlinear import BitLinear
+
+    layer = packed.PackedTernaryLinear.from_bitlinear(BitLinear(64, 32), kernel="lowp")
+    layer(torch.randn(3, 64))
+    layout = layer._kernel_cache["lowp"][1]
+    per_weight = layout.element_size() * layout.numel() / (64 * 32)
+    assert per_weight == 2
+    assert "2 bytes for ``lowp``" in packed.__doc__
