@@ -89,14 +89,15 @@ def test_ternary_mamba_through_the_kernels(monkeypatch):
 
 
 # ------------------------------------------------------------------------------ problem 2: decoding
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_generation_through_the_kernels(monkeypatch, dtype):
+@pytest.mark.parametrize("dtype,prompt_len", [(torch.float32, 5), (torch.float32, 2), (torch.bfloat16, 5)])
+def test_generation_through_the_kernels(monkeypatch, dtype, prompt_len):
     model = tiny().to(dtype).eval()
-    prompt = IDS[:, :5]
+    prompt = IDS[:, :prompt_len]  # 2: shorter than the conv window, whose state the prefill pads
     want = model.generate(prompt, max_new_tokens=6, use_cache=False)
     calls = ks.install(monkeypatch)
     got = model.generate(prompt, max_new_tokens=6)
     assert calls["selective_state_update"] >= 5 and calls["causal_conv1d_update"] >= 5
+    assert calls["causal_conv1d"] >= 2 and calls["selective_scan"] >= 2  # the prefill too
     if dtype == torch.float32:  # bf16 rounding may flip a near-tie; fp32 must agree token for token
         assert torch.equal(got, want)
     assert got.shape == want.shape
@@ -157,3 +158,4 @@ def test_packed_lowp_layout_costs_what_the_docstring_says():
     per_weight = layout.element_size() * layout.numel() / (64 * 32)
     assert per_weight == 2
     assert "2 bytes for ``lowp``" in packed.__doc__
+

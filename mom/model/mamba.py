@@ -77,12 +77,15 @@ class MambaMixer(nn.Module):
     def _conv(self, x: torch.Tensor, state: MambaState | None) -> torch.Tensor:
         """Causal depthwise conv over (B, d_inner, T); updates state.conv."""
         T = x.shape[-1]
-        if state is None:
+        if state is None or state.conv is None:  # no past inputs: training, or a prefill
             conv = _conv_kernel("causal_conv1d", x, self.d_conv)
             if conv is not None:
+                if state is not None:  # the last d_conv - 1 inputs (zeros before the first)
+                    state.conv = F.pad(x, (max(self.d_conv - 1 - T, 0), 0))[..., -(self.d_conv - 1):]
                 w, b = self.conv1d.weight.squeeze(1), self.conv1d.bias
                 return conv(x.contiguous(), w, b.to(w.dtype) if b is not None else None, activation="silu")
-            return F.silu(self.conv1d(x)[..., :T])
+            if state is None:
+                return F.silu(self.conv1d(x)[..., :T])
         past = state.conv if state.conv is not None else x.new_zeros(x.shape[0], self.d_inner, self.d_conv - 1)
         full = torch.cat([past.to(x.dtype), x], dim=-1)
         state.conv = full[..., full.shape[-1] - (self.d_conv - 1):]
