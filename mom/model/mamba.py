@@ -81,14 +81,15 @@ class MambaMixer(nn.Module):
             conv = _conv_kernel("causal_conv1d", x, self.d_conv)
             if conv is not None:
                 if state is not None:  # the last d_conv - 1 inputs (zeros before the first)
-                    state.conv = F.pad(x, (max(self.d_conv - 1 - T, 0), 0))[..., -(self.d_conv - 1):]
+                    state.conv = F.pad(x, (max(self.d_conv - 1 - T, 0), 0))[..., -(self.d_conv - 1):].contiguous()
                 w, b = self.conv1d.weight.squeeze(1), self.conv1d.bias
                 return conv(x.contiguous(), w, b.to(w.dtype) if b is not None else None, activation="silu")
             if state is None:
                 return F.silu(self.conv1d(x)[..., :T])
         past = state.conv if state.conv is not None else x.new_zeros(x.shape[0], self.d_inner, self.d_conv - 1)
         full = torch.cat([past.to(x.dtype), x], dim=-1)
-        state.conv = full[..., full.shape[-1] - (self.d_conv - 1):]
+        # a copy, not a view: the cache must not keep the whole prompt's activations alive
+        state.conv = full[..., full.shape[-1] - (self.d_conv - 1):].contiguous() if T > 1 else full[..., 1:]
         if T == 1:  # decode step: a dot product over the window
             w = self.conv1d.weight.squeeze(1)  # (d_inner, d_conv)
             y = (full * w).sum(-1, keepdim=True)
