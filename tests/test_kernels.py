@@ -1,5 +1,5 @@
 """The CUDA kernel paths, on CPU: stand-ins enforcing mamba-ssm's and causal-conv1d's argument checks
-(tests/kernel_standins.py) are installed where MoM looks the kernels up, then the model trains a step under
+(tests/helpers/kernel_standins.py) are installed where MoM looks the kernels up, then the model trains a step under
 bf16 autocast, with bf16 parameters, and decodes; a scan that raises when called proves the fallback."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 
 from mom.model import MoMConfig, MoMForCausalLM, kernels
 from mom.model.scan import selective_scan, selective_scan_reference
-from tests import kernel_standins as ks
+from tests.helpers import kernel_standins as ks
 
 
 def tiny(**kw) -> MoMForCausalLM:
@@ -139,7 +139,7 @@ API_SINCE = {"enable_gqa=": (2, 5), "torch.get_autocast_dtype(": (2, 4), "F.rms_
 def test_torch_floor_covers_the_apis_called():
     import re
 
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     floor = re.search(r'"torch>=(\d+)\.(\d+)', (REPO / "pyproject.toml").read_text())
     floor = (int(floor.group(1)), int(floor.group(2)))

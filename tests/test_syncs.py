@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from mom.model import MoMConfig, MoMForCausalLM
 from mom.model.opcount import OpCounter
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def momv4_tiny(**kw) -> MoMForCausalLM:

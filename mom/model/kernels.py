@@ -16,7 +16,7 @@ call checked against MoM's own math. A kernel that fails its probe is reported o
 and the error) and MoM uses its own path (``mom.model.scan``, PyTorch convolutions) from then on.
 
 Kernels run only on tensors whose device type is in :data:`KERNEL_DEVICES` (CUDA). Tests add ``"cpu"`` and
-install stand-ins that enforce the real kernels' argument checks (tests/kernel_standins.py).
+install stand-ins that enforce the real kernels' argument checks (tests/helpers/kernel_standins.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import importlib
 import logging
 
 import torch
-import torch.nn.functional as F
 
 log = logging.getLogger("mom")
 
@@ -69,6 +68,8 @@ def get(name: str, device: torch.device):
     key = (name, str(device))
     if key not in _usable:
         try:
+            if name not in _PROBES:
+                raise RuntimeError("no probe registered (import mom.model)")
             with torch.no_grad(), torch.autocast(device.type, enabled=False):
                 _PROBES[name](fn, device)
             _usable[key] = None
@@ -97,66 +98,20 @@ def status(device: torch.device | str = "cuda") -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------ probes
-def _close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+_PROBES: dict = {}  # name -> probe(fn, device): raises unless fn computes MoM's result on a tiny input
+
+
+def probe(name: str):
+    """Register the probe of kernel ``name`` (defined next to the code that knows its math: scan.py, mamba.py;
+    importing ``mom.model`` registers them all)."""
+    def register(fn):
+        _PROBES[name] = fn
+        return fn
+    return register
+
+
+def close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """For probes: raise unless ``got`` (any device) matches ``want`` to 1e-3."""
+    got = got.detach().cpu()
     if got.shape != want.shape or not torch.allclose(got.float(), want.float(), rtol=1e-3, atol=1e-3):
         raise RuntimeError(f"{what} differs from MoM's reference")
-
-
-def _probe_scan(fn, device):
-    from mom.model.scan import selective_scan_reference
-
-    g = torch.Generator().manual_seed(0)
-    b, d, n, L = 1, 4, 4, 5
-    u, dt, z = (torch.randn(b, d, L, generator=g) for _ in range(3))
-    A = -torch.rand(d, n, generator=g) - 0.5
-    B, C = torch.randn(b, n, L, generator=g), torch.randn(b, n, L, generator=g)
-    D, bias = torch.randn(d, generator=g), torch.randn(d, generator=g)
-    args = [t.to(device) for t in (u, dt, A, B, C, D, z, bias)]
-    y, last = fn(*args[:5], D=args[5], z=args[6], delta_bias=args[7], delta_softplus=True, return_last_state=True)
-    y_ref, last_ref = selective_scan_reference(u, dt, A, B, C, D, z, bias, True, return_last_state=True)
-    _close(y.cpu(), y_ref, "selective_scan_fn output")
-    _close(last.cpu(), last_ref, "selective_scan_fn last state")
-
-
-def _probe_step(fn, device):
-    from mom.model.scan import step_reference
-
-    g = torch.Generator().manual_seed(0)
-    b, d, n = 2, 4, 4
-    state = torch.randn(b, d, n, generator=g)
-    x, dt, z = (torch.randn(b, d, generator=g) for _ in range(3))
-    A = -torch.rand(d, n, generator=g) - 0.5
-    B, C = torch.randn(b, n, generator=g), torch.randn(b, n, generator=g)
-    D, bias = torch.randn(d, generator=g), torch.randn(d, generator=g)
-    s_dev = state.to(device, copy=True)
-    y = fn(s_dev, *(t.to(device) for t in (x, dt, A, B, C)), D=D.to(device), z=z.to(device),
-           dt_bias=bias.to(device), dt_softplus=True)
-    y_ref = step_reference(state, x, dt, A, B, C, D, z, bias, True)  # updates ``state`` in place
-    _close(y.cpu(), y_ref, "selective_state_update output")
-    _close(s_dev.cpu(), state, "selective_state_update state")
-
-
-def _probe_conv(fn, device):
-    g = torch.Generator().manual_seed(0)
-    x, w, bias = torch.randn(1, 8, 6, generator=g), torch.randn(8, 4, generator=g), torch.randn(8, generator=g)
-    y = fn(x.to(device), w.to(device), bias.to(device), activation="silu")
-    _close(y.cpu(), F.silu(F.conv1d(x, w[:, None], bias, padding=3, groups=8)[..., :6]), "causal_conv1d_fn")
-
-
-def _probe_conv_update(fn, device):
-    g = torch.Generator().manual_seed(0)
-    x, state = torch.randn(1, 8, generator=g), torch.randn(1, 8, 3, generator=g)
-    w, bias = torch.randn(8, 4, generator=g), torch.randn(8, generator=g)
-    s_dev = state.to(device, copy=True)
-    y = fn(x.to(device), s_dev, w.to(device), bias.to(device), activation="silu")
-    window = torch.cat([state, x[..., None]], -1)
-    _close(y.cpu(), F.silu((window * w).sum(-1) + bias), "causal_conv1d_update output")
-    _close(s_dev.cpu(), window[..., 1:], "causal_conv1d_update state")
-
-
-_PROBES = {
-    "selective_scan": _probe_scan,
-    "selective_state_update": _probe_step,
-    "causal_conv1d": _probe_conv,
-    "causal_conv1d_update": _probe_conv_update,
-}

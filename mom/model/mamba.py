@@ -163,3 +163,24 @@ class MambaMixer(nn.Module):
         else:
             y = out
         return self.out_proj(y.transpose(1, 2).to(dtype))
+
+
+# ------------------------------------------------------------------------------------------------ kernel probes
+@kernels.probe("causal_conv1d")
+def _probe_conv(fn, device):
+    g = torch.Generator().manual_seed(0)
+    x, w, bias = torch.randn(1, 8, 6, generator=g), torch.randn(8, 4, generator=g), torch.randn(8, generator=g)
+    y = fn(x.to(device), w.to(device), bias.to(device), activation="silu")
+    kernels.close(y, F.silu(F.conv1d(x, w[:, None], bias, padding=3, groups=8)[..., :6]), "causal_conv1d_fn")
+
+
+@kernels.probe("causal_conv1d_update")
+def _probe_conv_update(fn, device):
+    g = torch.Generator().manual_seed(0)
+    x, state = torch.randn(1, 8, generator=g), torch.randn(1, 8, 3, generator=g)
+    w, bias = torch.randn(8, 4, generator=g), torch.randn(8, generator=g)
+    s_dev = state.to(device, copy=True)
+    y = fn(x.to(device), s_dev, w.to(device), bias.to(device), activation="silu")
+    window = torch.cat([state, x[..., None]], -1)
+    kernels.close(y, F.silu((window * w).sum(-1) + bias), "causal_conv1d_update output")
+    kernels.close(s_dev, window[..., 1:], "causal_conv1d_update state")

@@ -481,3 +481,38 @@ def step_reference(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softp
         if z is not None:
             y = y * F.silu(z.to(_acc(z)))
     return y.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------
+# probes of the kernels (mom.model.kernels): a tiny call checked against the code above
+# --------------------------------------------------------------------------------------------------------
+@kernels.probe("selective_scan")
+def _probe_scan(fn, device):
+    g = torch.Generator().manual_seed(0)
+    b, d, n, L = 1, 4, 4, 5
+    u, dt, z = (torch.randn(b, d, L, generator=g) for _ in range(3))
+    A = -torch.rand(d, n, generator=g) - 0.5
+    B, C = torch.randn(b, n, L, generator=g), torch.randn(b, n, L, generator=g)
+    D, bias = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    args = [t.to(device) for t in (u, dt, A, B, C, D, z, bias)]
+    y, last = fn(*args[:5], D=args[5], z=args[6], delta_bias=args[7], delta_softplus=True, return_last_state=True)
+    y_ref, last_ref = selective_scan_reference(u, dt, A, B, C, D, z, bias, True, return_last_state=True)
+    kernels.close(y, y_ref, "selective_scan_fn output")
+    kernels.close(last, last_ref, "selective_scan_fn last state")
+
+
+@kernels.probe("selective_state_update")
+def _probe_step(fn, device):
+    g = torch.Generator().manual_seed(0)
+    b, d, n = 2, 4, 4
+    state = torch.randn(b, d, n, generator=g)
+    x, dt, z = (torch.randn(b, d, generator=g) for _ in range(3))
+    A = -torch.rand(d, n, generator=g) - 0.5
+    B, C = torch.randn(b, n, generator=g), torch.randn(b, n, generator=g)
+    D, bias = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    s_dev = state.to(device, copy=True)
+    y = fn(s_dev, *(t.to(device) for t in (x, dt, A, B, C)), D=D.to(device), z=z.to(device),
+           dt_bias=bias.to(device), dt_softplus=True)
+    y_ref = step_reference(state, x, dt, A, B, C, D, z, bias, True)  # updates ``state`` in place
+    kernels.close(y, y_ref, "selective_state_update output")
+    kernels.close(s_dev, state, "selective_state_update state")

@@ -1,4 +1,4 @@
-"""``python tests/collapsed_router_train.py <mom.train overrides>``: mom.train with every MoE router collapsed
+"""``python tests/helpers/collapsed_router_train.py <mom.train overrides>``: mom.train with every MoE router collapsed
 (all logits tied, so the lowest-index experts take every token and the others none). A script file, not
 ``-c``: Lightning's DDP launcher restarts it for the other ranks, which then get the same patch."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import mom.model.moe as moe  # noqa: E402
 
