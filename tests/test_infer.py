@@ -87,7 +87,7 @@ def test_mod_skipped_token_costs_no_block_compute():
     model = build(mod=True, precision="bf16").eval()
     eng = Engine(model)
     calls = []
-    for i, layer in enumerate(model.model.layers):
+    for layer in model.model.layers:
         if layer.mod_router is not None and layer.is_attention:
             with torch.no_grad():  # this block's router now skips every token
                 layer.mod_router.proj.weight.zero_()

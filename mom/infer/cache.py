@@ -70,7 +70,7 @@ class StaticCache:
             raise ValueError(f"prompt of {length} tokens does not fit a cache of {self.max_len}")
         self.reset()
         self.length = length
-        for st, src in zip(self.layers, ref.layers):
+        for st, src in zip(self.layers, ref.layers, strict=True):
             if isinstance(src, AttentionState):
                 n = src.length
                 st.k[:, :, :n].copy_(src.k)

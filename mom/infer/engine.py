@@ -221,7 +221,7 @@ class Engine:
     def _step(self, tokens: torch.Tensor, cache: StaticCache) -> torch.Tensor:
         pos = cache.length
         x = self.model.model.embed_tokens.weight[tokens]
-        for layer, st in zip(self.model.model.layers, cache.layers):
+        for layer, st in zip(self.model.model.layers, cache.layers, strict=True):
             x = self._block(layer, x, st, pos)
         cache.length = pos + 1
         return self.lin(self.model.lm_head, self.model.model.final_layernorm(x))

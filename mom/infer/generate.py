@@ -71,6 +71,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sam
         t1 = time.perf_counter()
         tokens = input_ids
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        nxt = input_ids[:, -1]
         for step in range(max_new_tokens):
             if step:
                 logits = engine.step(nxt, cache)
