@@ -37,7 +37,7 @@ log = logging.getLogger("mom.generate")
 register_configs()
 
 _KEYS = ("run_dir", "model_dir", "prompt", "prompts", "max_new_tokens", "do_sample", "temperature", "top_k",
-         "top_p", "repetition_penalty", "use_cache", "seed", "batch_size", "stop_at_eos")
+         "top_p", "repetition_penalty", "use_cache", "seed", "batch_size", "stop_at_eos", "compile")
 
 
 class TextStream:
@@ -170,13 +170,20 @@ def generate_text(cfg: Any, out: TextIO | None = sys.stdout, model=None, tok=Non
             out.flush()
 
         streamer = _streamer(streams, done, pieces, out if live else None, eos_id)
+        stats: dict = {}
         if max_new > 0:
             model.generate(ids, max_new_tokens=max_new, attention_mask=mask if len(chunk) > 1 else None,
                            do_sample=bool(cfg.get("do_sample", False)), temperature=float(cfg.get("temperature", 1.0)),
                            top_k=cfg.get("top_k"), top_p=cfg.get("top_p"),
                            repetition_penalty=float(cfg.get("repetition_penalty", 1.0)), eos_token_id=eos_id,
                            pad_token_id=pad_id, use_cache=bool(cfg.get("use_cache", True)), generator=generator,
-                           streamer=streamer)
+                           streamer=streamer, compile=bool(cfg.get("compile", False)), stats=stats)
+            if stats.get("decode_s"):
+                steps = max(stats["new_tokens"] - 1, 0)
+                report = log.warning if cfg.get("compile") else log.info  # asked for: shown on stderr
+                report("prefill %.3f s, decode %.1f tok/s (%d sequences), compile %.1f s, C++ kernels %s",
+                         stats["prefill_s"], steps * len(chunk) / stats["decode_s"], len(chunk), stats["compile_s"],
+                         "on" if stats["kernels"] else "off")
         for i, s in enumerate(streams):
             tail = s.finish()
             if tail:

@@ -208,6 +208,7 @@ class GenerateConfig:
     top_p: Optional[float] = None
     repetition_penalty: float = 1.0
     use_cache: bool = True
+    compile: bool = False  # torch.compile the decode step (compile time reported apart on stderr)
     seed: int = 1337
     batch_size: int = 1
     stop_at_eos: bool = True

@@ -81,9 +81,13 @@ class Engine:
         self.use_kernels = use_kernels
         self.dtype = dtype
         self._lin: dict[int, object] = {}
+        self._f32: dict[int, torch.Tensor] = {}  # plain fp32 weights without bias: can share one kernel call
         for module in model.modules():
             if isinstance(module, (nn.Linear, PackedTernaryLinear)):
                 self._lin[id(module)] = _fast_linear(module, use_kernels)
+                if (use_kernels and type(module) is nn.Linear and module.bias is None
+                        and module.weight.dtype == torch.float32 and module.weight.is_contiguous()):
+                    self._f32[id(module)] = module.weight.detach()
         self.cache: StaticCache | None = None
         self.compiled = None
         self.compile_seconds = 0.0
@@ -92,6 +96,18 @@ class Engine:
     def lin(self, module, x):
         return self._lin[id(module)](x)
 
+    def lins(self, modules, x) -> list:
+        """Several linear layers on the same input; plain fp32 ones share one kernel call."""
+        ws = [self._f32.get(id(m)) for m in modules]
+        if all(w is not None for w in ws):
+            return torch.ops.mom_infer.linear_multi_f32(x, ws)
+        return [self.lin(m, x) for m in modules]
+
+    def norm(self, module, x):
+        if self.use_kernels and x.dtype == torch.float32 and module.weight.dtype == torch.float32:
+            return torch.ops.mom_infer.rms_norm(x, module.weight, module.eps)
+        return module(x)
+
     def get_cache(self, batch: int, max_len: int) -> StaticCache:
         if self.cache is None or not self.cache.fits(batch, max_len, self.dtype):
             dev = self.model.model.embed_tokens.weight.device
@@ -99,7 +115,8 @@ class Engine:
         return self.cache
 
     def _mlp(self, mlp: MLP, x):
-        return self.lin(mlp.down_proj, mlp.act(self.lin(mlp.gate_proj, x)) * self.lin(mlp.up_proj, x))
+        gate, up = self.lins((mlp.gate_proj, mlp.up_proj), x)
+        return self.lin(mlp.down_proj, mlp.act(gate) * up)
 
     def _experts(self, experts, x, idx: list[int]):
         """Row i -> experts[idx[i]](x[i]); rows grouped by expert so each chosen expert's weights are read once."""
@@ -160,19 +177,28 @@ class Engine:
             q = torch.cat([self.lin(attn.q_proj[e], xr[i:i + 1]) for i, e in enumerate(idx)])
             Hkv, kk = attn.num_kv_heads, attn.top_k
             q = q.view(B, kk, Hkv, 1, hd).transpose(1, 2).reshape(B, Hkv * kk, 1, hd)
-            self._write_kv(st, self.lin(attn.k_proj, x).view(B, Hkv, hd), self.lin(attn.v_proj, x).view(B, Hkv, hd),
-                           pos, valid)
+            k, v = self.lins((attn.k_proj, attn.v_proj), x)
+            self._write_kv(st, k.view(B, Hkv, hd), v.view(B, Hkv, hd), pos, valid)
             o = self._attend(q, st, pos, B)
             o = o.view(B, Hkv, kk, 1, hd).transpose(1, 2).reshape(B * kk, Hkv * hd)
             y = torch.cat([self.lin(attn.o_proj[e], o[i:i + 1]) for i, e in enumerate(idx)])
             return (y.view(B, kk, -1) * gates.unsqueeze(-1).to(y.dtype)).sum(1)
-        q = self.lin(attn.q_proj, x).view(B, -1, 1, hd)
-        self._write_kv(st, self.lin(attn.k_proj, x).view(B, -1, hd), self.lin(attn.v_proj, x).view(B, -1, hd), pos,
-                       valid)
+        q, k, v = self.lins((attn.q_proj, attn.k_proj, attn.v_proj), x)
+        q = q.view(B, -1, 1, hd)
+        self._write_kv(st, k.view(B, -1, hd), v.view(B, -1, hd), pos, valid)
         o = self._attend(q, st, pos, B)
         return self.lin(attn.o_proj, o.reshape(B, -1))
 
     def _mamba(self, m, x, st):
+        if self.use_kernels and x.dtype == torch.float32 and st.conv.dtype == torch.float32:
+            ops = torch.ops.mom_infer
+            xz = self.lin(m.in_proj, x)
+            u = ops.mamba_conv_step(xz, st.conv, m.conv1d.weight.view(m.d_inner, -1), m.conv1d.bias)
+            dt, Bm, Cm = torch.split(self.lin(m.x_proj, u), [m.dt_rank, m.d_state, m.d_state], dim=-1)
+            dt = self.lin(m.dt_proj, self.norm(m.dt_layernorm, dt))
+            y = ops.mamba_ssm_step(st.ssm, u, dt, m._A(), self.norm(m.b_layernorm, Bm), self.norm(m.c_layernorm, Cm),
+                                   m.D, xz)
+            return self.lin(m.out_proj, y)
         u, z = self.lin(m.in_proj, x).chunk(2, dim=-1)
         window = torch.cat([st.conv, u.unsqueeze(-1)], dim=-1)
         st.conv.copy_(window[..., 1:])
@@ -190,30 +216,30 @@ class Engine:
         router = layer.mod_router
         if router is None:
             if layer.is_attention:
-                h = x + self._attention(layer.self_attn, layer.input_layernorm(x), st, pos, None)
+                h = x + self._attention(layer.self_attn, self.norm(layer.input_layernorm, x), st, pos, None)
             else:
-                h = x + self._mamba(layer.mamba, layer.input_layernorm(x), st)
-            return h + self._ffn(layer.feed_forward, layer.pre_ff_layernorm(h))
+                h = x + self._mamba(layer.mamba, self.norm(layer.input_layernorm, x), st)
+            return h + self._ffn(layer.feed_forward, self.norm(layer.pre_ff_layernorm, h))
         if layer.is_attention:  # routed whole: a skipped token is not a key and costs nothing else
             logits = self.lin(router.proj, x).squeeze(-1).float()
             selected, weight = logits > 0, torch.sigmoid(logits)
             if x.shape[0] == 1 and not bool(selected[0]):
                 self._write_kv(st, 0.0, 0.0, pos, selected)
                 return x
-            h = x + self._attention(layer.self_attn, layer.input_layernorm(x), st, pos, selected)
+            h = x + self._attention(layer.self_attn, self.norm(layer.input_layernorm, x), st, pos, selected)
             rows = selected.nonzero().squeeze(1)
             if rows.numel() == 0:
                 return x
             hr, xr = h[rows], x[rows]
-            upd = hr - xr + self._ffn(layer.feed_forward, layer.pre_ff_layernorm(hr))
+            upd = hr - xr + self._ffn(layer.feed_forward, self.norm(layer.pre_ff_layernorm, hr))
         else:  # Mamba block: the mixer sees every token, MoD routes the feed-forward
-            x = x + self._mamba(layer.mamba, layer.input_layernorm(x), st)
+            x = x + self._mamba(layer.mamba, self.norm(layer.input_layernorm, x), st)
             logits = self.lin(router.proj, x).squeeze(-1).float()
             selected, weight = logits > 0, torch.sigmoid(logits)
             rows = selected.nonzero().squeeze(1)
             if rows.numel() == 0:
                 return x
-            upd = self._ffn(layer.feed_forward, layer.pre_ff_layernorm(x[rows]))
+            upd = self._ffn(layer.feed_forward, self.norm(layer.pre_ff_layernorm, x[rows]))
         upd = upd * weight[rows].unsqueeze(-1).to(upd.dtype)
         return x.index_add(0, rows, upd)
 
@@ -224,7 +250,7 @@ class Engine:
         for layer, st in zip(self.model.model.layers, cache.layers, strict=True):
             x = self._block(layer, x, st, pos)
         cache.length = pos + 1
-        return self.lin(self.model.lm_head, self.model.model.final_layernorm(x))
+        return self.lin(self.model.lm_head, self.norm(self.model.model.final_layernorm, x))
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, cache: StaticCache) -> torch.Tensor:

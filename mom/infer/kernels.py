@@ -6,8 +6,11 @@ floor; the compiler uses what the CPU has), and registers the ops ``torch.ops.mo
 
 - ``ternary_linear(x, packed, norm_weight, eps, gamma, bias)``: BitLinear's inference forward read from
   2-bit weights (RMSNorm and int8 quantisation fused in), bit-identical to ``BitLinear``;
-- ``linear_f32(x, w, bias)`` / ``linear_bf16w(x, w, bias)``: few-row matrix products at memory bandwidth
-  (torch's GEMV reaches about half of it at batch 1 on the machines measured).
+- ``linear_f32(x, w, bias)`` / ``linear_bf16w(x, w, bias)`` / ``linear_multi_f32(x, [w...])``: few-row
+  matrix products at memory bandwidth (torch's GEMV reaches about half of it at batch 1 on the machines
+  measured); the last one serves several weights sharing an input (q/k/v, gate/up) in one parallel pass;
+- ``rms_norm``, ``mamba_conv_step``, ``mamba_ssm_step``: the decode step's small ops fused (one call instead
+  of five to fifteen torch ops each).
 
 Fake (meta) implementations are registered beside them so ``torch.compile`` traces through the ops.
 Without a C++ compiler, or when the build fails, ``available()`` is False, one warning says why, and the
@@ -80,7 +83,8 @@ def available() -> bool:
                 _register_fakes()
                 _STATE["ok"] = True
             except Exception as e:  # noqa: BLE001 - any failure: say why once, use the eager path
-                first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+                lines = [ln for ln in str(e).splitlines() if ln.strip()]
+                first = next((ln for ln in lines if "error:" in ln), lines[0] if lines else type(e).__name__)
                 _STATE["why"] = first[:300]
         if not _STATE["ok"]:
             warnings.warn(f"mom.infer: C++ kernels unavailable ({_STATE['why']}); decoding uses the eager torch "
@@ -116,6 +120,22 @@ def _register_fakes() -> None:
     @torch.library.register_fake("mom_infer::linear_bf16w")
     def _(x, weight, bias):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.register_fake("mom_infer::linear_multi_f32")
+    def _(x, weights):
+        return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
+
+    @torch.library.register_fake("mom_infer::rms_norm")
+    def _(x, weight, eps):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("mom_infer::mamba_conv_step")
+    def _(xz, conv_state, weight, bias):
+        return xz.new_empty(conv_state.shape[:2])
+
+    @torch.library.register_fake("mom_infer::mamba_ssm_step")
+    def _(ssm, u, dt, A, B, C, D, xz):
+        return torch.empty_like(u)
 
     _FAKES_DONE = True
 

@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -293,9 +294,130 @@ at::Tensor linear_bf16w(const at::Tensor& x, const at::Tensor& w_, const std::op
   return linear_rows<uint16_t>(x, reinterpret_cast<const uint16_t*>(w.data_ptr()), w.size(0), w.size(1), bias);
 }
 
+// y = x W^T for several weights sharing the input (q/k/v, gate/up): one pass over the threads, no copies
+std::vector<at::Tensor> linear_multi_f32(const at::Tensor& x_, at::TensorList ws) {
+  at::Tensor x = x_.contiguous();
+  const int64_t K = x.size(-1), M = x.numel() / std::max<int64_t>(K, 1);
+  std::vector<at::Tensor> outs;
+  std::vector<int64_t> tiles_before{0};
+  for (const auto& w : ws) {
+    TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 2 && w.size(1) == K,
+                "linear_multi_f32: contiguous fp32 (N, K) weights");
+    auto sz = x.sizes().vec();
+    sz.back() = w.size(0);
+    outs.push_back(at::empty(sz, x.options()));
+    tiles_before.push_back(tiles_before.back() + (w.size(0) + 3) / 4);
+  }
+  const int64_t total = tiles_before.back();
+  const float* xd = x.data_ptr<float>();
+  at::parallel_for(0, total, grain_for(total * 4, K * 4) / 4 + 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> buf(M * 4);
+    for (int64_t t = t0; t < t1; ++t) {
+      size_t j = std::upper_bound(tiles_before.begin(), tiles_before.end(), t) - tiles_before.begin() - 1;
+      const float* wd = ws[j].data_ptr<float>();
+      float* yd = outs[j].data_ptr<float>();
+      const int64_t N = ws[j].size(0), n0 = 4 * (t - tiles_before[j]);
+      if (n0 + 4 <= N) {
+        dots4(wd + n0 * K, K, xd, M, buf.data());
+        for (int64_t m = 0; m < M; ++m)
+          for (int r = 0; r < 4; ++r) yd[m * N + n0 + r] = buf[m * 4 + r];
+      } else {
+        for (int64_t n = n0; n < N; ++n) {
+          dots1(wd + n * K, K, xd, M, buf.data());
+          for (int64_t m = 0; m < M; ++m) yd[m * N + n] = buf[m];
+        }
+      }
+    }
+  });
+  return outs;
+}
+
+// ---------------------------------------------------------------------------------------------- small fused ops
+// RMSNorm over the last dim in fp32 (one op instead of torch's five at decode)
+at::Tensor rms_norm(const at::Tensor& x_, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x_.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "rms_norm: fp32");
+  at::Tensor x = x_.contiguous();
+  const int64_t K = x.size(-1), M = x.numel() / std::max<int64_t>(K, 1);
+  at::Tensor y = at::empty_like(x);
+  const float *xd = x.data_ptr<float>(), *wd = w.data_ptr<float>();
+  float* yd = y.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = xd + m * K;
+    double ss = 0.0;
+    for (int64_t k = 0; k < K; ++k) ss += static_cast<double>(r[k]) * r[k];
+    const float inv = 1.0f / std::sqrt(static_cast<float>(ss / K) + static_cast<float>(eps));
+    for (int64_t k = 0; k < K; ++k) yd[m * K + k] = wd[k] * (r[k] * inv);
+  }
+  return y;
+}
+
+// Mamba decode step after in_proj: causal conv over [state, u] (state shifted in place) and SiLU.
+// xz: (B, 2D) = [u | z]; conv_state: (B, D, W-1); w: (D, W); returns (B, D).
+at::Tensor mamba_conv_step(const at::Tensor& xz_, at::Tensor conv_state, const at::Tensor& w_,
+                           const std::optional<at::Tensor>& bias) {
+  at::Tensor xz = xz_.contiguous(), w = w_.contiguous();
+  TORCH_CHECK(conv_state.is_contiguous() && conv_state.scalar_type() == at::kFloat, "mamba_conv_step: fp32 state");
+  const int64_t B = conv_state.size(0), D = conv_state.size(1), W1 = conv_state.size(2);
+  at::Tensor out = at::empty({B, D}, xz.options());
+  const float *xd = xz.data_ptr<float>(), *wd = w.data_ptr<float>();
+  const float* bd = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  float *sd = conv_state.data_ptr<float>(), *od = out.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t d = 0; d < D; ++d) {
+      float* st = sd + (b * D + d) * W1;
+      const float u = xd[b * 2 * D + d];
+      const float* wr = wd + d * (W1 + 1);
+      float acc = 0.0f;
+      for (int64_t j = 0; j < W1; ++j) acc += st[j] * wr[j];
+      acc += u * wr[W1];
+      if (bd) acc += bd[d];
+      for (int64_t j = 0; j + 1 < W1; ++j) st[j] = st[j + 1];
+      if (W1 > 0) st[W1 - 1] = u;
+      od[b * D + d] = acc / (1.0f + std::exp(-acc));
+    }
+  return out;
+}
+
+// Mamba recurrent update, in place on ssm (B, D, N): dt = softplus(dt), h = exp(dt A) h + dt u B,
+// y = (h . C + D u) * silu(z). u, dt: (B, D); Bm, Cm: (B, N); z: the second half of xz (B, 2D).
+at::Tensor mamba_ssm_step(at::Tensor ssm, const at::Tensor& u_, const at::Tensor& dt_, const at::Tensor& A_,
+                          const at::Tensor& Bm_, const at::Tensor& Cm_, const at::Tensor& Dv_, const at::Tensor& xz_) {
+  at::Tensor u = u_.contiguous(), dt = dt_.contiguous(), A = A_.contiguous(), Bm = Bm_.contiguous(),
+             Cm = Cm_.contiguous(), Dv = Dv_.contiguous(), xz = xz_.contiguous();
+  TORCH_CHECK(ssm.is_contiguous() && ssm.scalar_type() == at::kFloat, "mamba_ssm_step: fp32 state");
+  const int64_t B = ssm.size(0), D = ssm.size(1), N = ssm.size(2);
+  at::Tensor y = at::empty({B, D}, u.options());
+  float *hd = ssm.data_ptr<float>(), *yd = y.data_ptr<float>();
+  const float *ud = u.data_ptr<float>(), *dtd = dt.data_ptr<float>(), *Ad = A.data_ptr<float>(),
+              *Bd = Bm.data_ptr<float>(), *Cd = Cm.data_ptr<float>(), *Dd = Dv.data_ptr<float>(),
+              *xzd = xz.data_ptr<float>();
+  at::parallel_for(0, B * D, B * D >= 4096 ? (B * D) / 2 : B * D, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / D, d = i % D;
+      float dtv = dtd[i];
+      dtv = dtv > 20.0f ? dtv : std::log1p(std::exp(dtv));
+      const float du = dtv * ud[i];
+      float* h = hd + i * N;
+      const float *a = Ad + d * N, *bb = Bd + b * N, *cc = Cd + b * N;
+      float acc = 0.0f;
+      for (int64_t n = 0; n < N; ++n) {
+        h[n] = h[n] * std::exp(dtv * a[n]) + du * bb[n];
+        acc += h[n] * cc[n];
+      }
+      const float z = xzd[b * 2 * D + D + d];
+      yd[i] = (acc + Dd[d] * ud[i]) * (z / (1.0f + std::exp(-z)));
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mom_infer, m) {
+  m.def("linear_multi_f32(Tensor x, Tensor[] weights) -> Tensor[]");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("mamba_conv_step(Tensor xz, Tensor(a!) conv_state, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("mamba_ssm_step(Tensor(a!) ssm, Tensor u, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor D, Tensor xz) -> Tensor");
   m.def("ternary_linear(Tensor x, Tensor packed, Tensor norm_weight, float eps, Tensor gamma, Tensor? bias) -> Tensor");
   m.def("linear_f32(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_bf16w(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
@@ -305,4 +427,8 @@ TORCH_LIBRARY_IMPL(mom_infer, CPU, m) {
   m.impl("ternary_linear", &ternary_linear);
   m.impl("linear_f32", &linear_f32);
   m.impl("linear_bf16w", &linear_bf16w);
+  m.impl("linear_multi_f32", &linear_multi_f32);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("mamba_conv_step", &mamba_conv_step);
+  m.impl("mamba_ssm_step", &mamba_ssm_step);
 }
