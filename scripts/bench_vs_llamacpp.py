@@ -245,9 +245,9 @@ def main() -> None:
         fp32_bytes = active_weight_bytes(model)
         tq2_bytes = fp32_bytes * tq2.stat().st_size / f32.stat().st_size
 
-        def row(label, pre, dec, nbytes, extra=""):
+        def row(label, pre, dec, nbytes, extra="", name=f"{size} ({n_params:.1f}M)"):
             floor = bw / nbytes
-            rows.append([f"{size} ({n_params:.1f}M)", label, f"{pre:,.0f}", f"{dec:,.1f}", f"{nbytes / 2**20:,.1f}",
+            rows.append([name, label, f"{pre:,.0f}", f"{dec:,.1f}", f"{nbytes / 2**20:,.1f}",
                          f"{floor:,.0f}", f"{100 * dec / floor:.0f}%", extra])
             return dec
 
