@@ -90,6 +90,7 @@ class Engine:
                     self._f32[id(module)] = module.weight.detach()
         self.cache: StaticCache | None = None
         self.compiled = None
+        self.compile_failed = False
         self.compile_seconds = 0.0
 
     # ------------------------------------------------------------------ building blocks

@@ -14,6 +14,7 @@ against).
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -58,9 +59,15 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sam
         engine = engine_for(model, use_kernels)
         B, T = input_ids.shape
         stats.update(compile_s=0.0, kernels=engine.use_kernels, new_tokens=0)
-        if compile and engine.compiled is None:
+        if compile and engine.compiled is None and not engine.compile_failed:
             engine.compile()
-            stats["compile_s"] = engine.warm_up(B, T + max(max_new_tokens, 1))
+            try:
+                stats["compile_s"] = engine.warm_up(B, T + max(max_new_tokens, 1))
+            except Exception as e:  # noqa: BLE001 - Inductor needs a working C++ toolchain: fall back to eager
+                engine.compiled, engine.compile_failed = None, True
+                first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+                warnings.warn(f"mom.infer: torch.compile of the decode step failed ({first[:200]}); decoding eagerly",
+                              RuntimeWarning, stacklevel=2)
         cache = engine.get_cache(B, T + max(max_new_tokens, 1))
         t0 = time.perf_counter()
         ref = MoMCache.for_config(config)
