@@ -28,26 +28,22 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from mom.errors import fail
-from mom.eval import load_model_and_tokenizer, plain_keys, resolve_model_dir, setup_stderr_logging
+from mom.cli import one_line_errors
+from mom.config import CONF_DIR, GenerateConfig, plain_options, register_configs
 from mom.model.generation import GenerationError
-from mom.utils import CONF_DIR, register_configs
+from mom.run_folder import load_model_and_tokenizer, resolve_model_dir, setup_stderr_logging
 
 log = logging.getLogger("mom.generate")
 register_configs()
-
-_KEYS = ("run_dir", "model_dir", "prompt", "prompts", "max_new_tokens", "do_sample", "temperature", "top_k",
-         "top_p", "repetition_penalty", "use_cache", "seed", "batch_size", "stop_at_eos", "compile")
-
 
 class TextStream:
     """Turns one sequence's new token ids into text as they arrive (exact bytes for byte-level BPE)."""
 
     def __init__(self, tok):
-        from mom.data.tokenizer import _uses_byte_level
+        from mom.data.tokenizer import uses_byte_level
 
         self.tok = tok
-        self.byte_level = _uses_byte_level(tok)
+        self.byte_level = uses_byte_level(tok)
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.ids: list[int] = []
         self.emitted = ""  # non-byte-level fallback: the text written so far
@@ -142,21 +138,21 @@ def generate_text(cfg: Any, out: TextIO | None = sys.stdout, model=None, tok=Non
     """
     from mom.data.tokenizer import special_token_ids
 
-    cfg = plain_keys(cfg, _KEYS)
+    cfg = plain_options(cfg, GenerateConfig)
     if model is None or tok is None:
         model_dir = resolve_model_dir(cfg.get("run_dir"), cfg.get("model_dir"), error=GenerationError)
         model, tok = load_model_and_tokenizer(model_dir, error=GenerationError)
     config = model.config
     prompts = prompt_list(cfg)
     encoded = encode_prompts(tok, prompts, config.max_position_embeddings)
-    max_new = int(cfg.get("max_new_tokens", 128))
+    max_new = int(cfg["max_new_tokens"])
     if max_new < 0:
         raise GenerationError(f"max_new_tokens must be >= 0, got {max_new}")
     special = special_token_ids(tok)
     pad_id = special["pad"] if special["pad"] is not None else (config.pad_token_id or 0)
-    eos_id = special["eos"] if cfg.get("stop_at_eos", True) else None
-    generator = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
-    bs = max(1, int(cfg.get("batch_size") or 1))
+    eos_id = special["eos"] if cfg["stop_at_eos"] else None
+    generator = torch.Generator().manual_seed(int(cfg["seed"]))
+    bs = max(1, int(cfg["batch_size"]))
     texts: list[str] = []
     for start in range(0, len(encoded), bs):
         chunk, chunk_prompts = encoded[start:start + bs], prompts[start:start + bs]
@@ -173,17 +169,17 @@ def generate_text(cfg: Any, out: TextIO | None = sys.stdout, model=None, tok=Non
         stats: dict = {}
         if max_new > 0:
             model.generate(ids, max_new_tokens=max_new, attention_mask=mask if len(chunk) > 1 else None,
-                           do_sample=bool(cfg.get("do_sample", False)), temperature=float(cfg.get("temperature", 1.0)),
-                           top_k=cfg.get("top_k"), top_p=cfg.get("top_p"),
-                           repetition_penalty=float(cfg.get("repetition_penalty", 1.0)), eos_token_id=eos_id,
-                           pad_token_id=pad_id, use_cache=bool(cfg.get("use_cache", True)), generator=generator,
-                           streamer=streamer, compile=bool(cfg.get("compile", False)), stats=stats)
+                           do_sample=bool(cfg["do_sample"]), temperature=float(cfg["temperature"]),
+                           top_k=cfg["top_k"], top_p=cfg["top_p"],
+                           repetition_penalty=float(cfg["repetition_penalty"]), eos_token_id=eos_id,
+                           pad_token_id=pad_id, use_cache=bool(cfg["use_cache"]), generator=generator,
+                           streamer=streamer, compile=bool(cfg["compile"]), stats=stats)
             if stats.get("decode_s"):
                 steps = max(stats["new_tokens"] - 1, 0)
-                report = log.warning if cfg.get("compile") else log.info  # asked for: shown on stderr
+                report = log.warning if cfg["compile"] else log.info  # asked for: shown on stderr
                 report("prefill %.3f s, decode %.1f tok/s (%d sequences), compile %.1f s, C++ kernels %s",
-                         stats["prefill_s"], steps * len(chunk) / stats["decode_s"], len(chunk), stats["compile_s"],
-                         "on" if stats["kernels"] else "off")
+                       stats["prefill_s"], steps * len(chunk) / stats["decode_s"], len(chunk), stats["compile_s"],
+                       "on" if stats["kernels"] else "off")
         for i, s in enumerate(streams):
             tail = s.finish()
             if tail:
@@ -205,19 +201,11 @@ def generate_text(cfg: Any, out: TextIO | None = sys.stdout, model=None, tok=Non
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
 def main(cfg: DictConfig) -> None:
     setup_stderr_logging(logging.WARNING)
-    from mom.data.corpus import DataError
-    from mom.model.config import ConfigError
-
-    try:
+    with one_line_errors():  # Ctrl-C too: the partly written line is ended, exit code 130
         generate_text(cfg, out=sys.stdout)
-    except (GenerationError, DataError, ConfigError, FileNotFoundError) as e:
-        fail(str(e))
-    except KeyboardInterrupt:
-        sys.stdout.write("\n")
-        fail("interrupted", code=130)
 
 
 if __name__ == "__main__":
-    from mom.errors import run_cli
+    from mom.cli import run_cli
 
     run_cli(main, "generate")  # a config that does not compose: one line too

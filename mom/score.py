@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from mom.errors import fail
-from mom.utils import CONF_DIR, register_configs, to_plain
+from mom.cli import one_line_errors
+from mom.config import CONF_DIR, ScoreConfig, plain_options, register_configs
+from mom.run_folder import setup_stderr_logging
 
 log = logging.getLogger("mom.score")
 register_configs()
@@ -36,25 +37,17 @@ def score(cfg: Any, out=None) -> dict[str, dict[str, Any]]:
     """Score the splits of ``cfg.data`` with ``cfg.ref_run``; returns {split: info} (info["store"]: RefLosses)."""
     from mom.data.corpus import DataError
     from mom.data.datamodule import build_datamodule
+    from mom.data.ref_losses import load_ref_losses, write_ref_losses
     from mom.data.tokenizer import tokenizer_hash
-    from mom.slm import (
-        SlmError,
-        check_same_tokenizer,
-        load_ref_losses,
-        load_reference,
-        model_identity,
-        resolve_ref_model_dir,
-        score_tokens,
-        write_ref_losses,
-    )
+    from mom.run_folder import model_identity, resolve_ref_model_dir
+    from mom.slm import SlmError, check_same_tokenizer, load_reference, score_tokens
 
-    c = {k: to_plain(cfg.get(k)) for k in ("ref_run", "data", "splits", "seq_len", "batch_size", "dtype", "device",
-                                           "overwrite") if k in cfg}
-    model_dir = resolve_ref_model_dir(c.get("ref_run"))
+    c = plain_options(cfg, ScoreConfig)
+    model_dir = resolve_ref_model_dir(c.get("ref_run"), error=SlmError)
     data_cfg = {k: v for k, v in dict(c.get("data") or {}).items() if k not in ("_target_", "tokenizer_dir")}
     if not data_cfg:
         raise SlmError("no data config: give data=<data config>")
-    device = c.get("device") or "auto"
+    device = c["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     ref, ref_tok = load_reference(model_dir, device)
@@ -73,7 +66,7 @@ def score(cfg: Any, out=None) -> dict[str, dict[str, Any]]:
                     ref.config.max_position_embeddings)
 
     results: dict[str, dict[str, Any]] = {}
-    for split in c.get("splits") or ["train", "validation"]:
+    for split in c["splits"]:
         split = {"val": "validation"}.get(split, split)
         if split not in ("train", "validation"):
             raise SlmError(f"unknown split {split!r} (train, validation)")
@@ -93,12 +86,12 @@ def score(cfg: Any, out=None) -> dict[str, dict[str, Any]]:
                     last[0] = elapsed
                     log.info("%s: %d/%d windows, %.0f s", split, done, total, elapsed)
 
-            losses = score_tokens(ref, cache.tokens, seq_len, int(c.get("batch_size") or 16), device, progress)
+            losses = score_tokens(ref, cache.tokens, seq_len, int(c["batch_size"]), device, progress)
             meta = {"seq_len": seq_len, "split": split, "cache_key": cache.key, "ref_model_dir": str(model_dir),
                     "tokenizer_sha256": tokenizer_hash(tok), "n_docs": cache.n_docs,
                     "score_s": round(time.perf_counter() - t0, 3)}
             store = write_ref_losses(dm.cache_dir, windows_key, ref_id, losses, cache.doc_offsets, meta,
-                                     dtype=c.get("dtype") or "float16")
+                                     dtype=c["dtype"])
         doc = store.doc_losses
         info = {"path": f"{store.stem}.bin", "n_targets": store.n_targets, "mean_loss": store.meta.get("mean_loss"),
                 "n_docs": int(len(doc)), "doc_loss_median": float(np.nanmedian(doc)) if len(doc) else None,
@@ -117,20 +110,13 @@ def score(cfg: Any, out=None) -> dict[str, dict[str, Any]]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="score")
 def main(cfg: DictConfig) -> None:
-    from mom.data.corpus import DataError
-    from mom.eval import setup_stderr_logging
-    from mom.model.config import ConfigError
-    from mom.slm import SlmError
-
     setup_stderr_logging()
-    try:
+    with one_line_errors():
         score(cfg, out=sys.stdout)
-    except (SlmError, DataError, ConfigError, FileNotFoundError) as e:
-        fail(str(e))
 
 
 if __name__ == "__main__":
-    from mom.errors import run_cli
+    from mom.cli import run_cli
 
     run_cli(main, "score")  # a config that does not compose: one line too
 

