@@ -210,7 +210,9 @@ class MoMForCausalLM(nn.Module):
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
-        from mom.model.generation import generate
+        """Decoding on the engine (``mom.infer.generate``: static cache, C++ kernels, ``compile=True``);
+        ``use_cache=False`` is the reference full recompute."""
+        from mom.infer.generate import generate
 
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 
