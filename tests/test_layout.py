@@ -44,7 +44,8 @@ def test_no_import_cycles():
 
 
 def test_model_package_imports_nothing_from_the_hydra_lightning_layer():
-    allowed = ("mom.model", "mom.errors", "mom.files")
+    # mom.infer is plain PyTorch too: model.generate delegates decoding to the engine (a lazy import)
+    allowed = ("mom.model", "mom.infer", "mom.errors", "mom.files")
     forbidden_libs = ("hydra", "omegaconf", "lightning", "torchmetrics", "wandb")
     for mod in (m for m in MODULES if m == "mom.model" or m.startswith("mom.model.")):
         names = imported_names(MODULES[mod])
