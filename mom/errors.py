@@ -7,7 +7,7 @@ project's own exception types with a one-line message that names the key or the 
 - :class:`mom.data.corpus.DataError`: unusable data (missing file, empty corpus, too few tokens)
 - :class:`CheckpointError` (here): a checkpoint that is missing, truncated, unsafe or for another model
 - :class:`NonFiniteLossError` (here): training stopped on a NaN/inf loss term
-- ``EvalError`` / ``GenerationError`` / ``ExportError`` of the other entry points
+- ``EvalError`` / ``GenerationError`` / ``ExportError`` of the other entry points, ``HarnessError`` (mom.harness)
 
 The Hydra mains catch them and print ``error: <message>`` on stderr (one line, no traceback) and exit
 non-zero (:func:`fail`). Errors Hydra raises itself while composing the config (an unknown experiment or
@@ -46,9 +46,10 @@ def fail(message: Any, code: int = 1) -> NoReturn:
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exception types that mean "bad input" (reported as one line), not "bug" (a traceback)."""
     from mom.data.corpus import DataError
+    from mom.harness import HarnessError
     from mom.model.config import ConfigError
 
-    return (ConfigError, DataError, CheckpointError, NonFiniteLossError, FileNotFoundError)
+    return (ConfigError, DataError, CheckpointError, NonFiniteLossError, HarnessError, FileNotFoundError)
 
 
 # ------------------------------------------------------------------------------------ Hydra composition

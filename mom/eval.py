@@ -15,6 +15,10 @@ accumulated with torchmetrics ``SumMetric``::
 
 where ``bytes`` is the UTF-8 length of the scored target tokens. stdout gets a table and, as its last line,
 one JSON object (``loss``, ``perplexity``, ``bpb``, ``tokens``, ``bytes``, ...); logs go to stderr.
+
+With ``harness.tasks=[...]`` (config group ``harness``, :mod:`mom.harness`) the model runs those
+lm-evaluation-harness tasks instead: stdout gets the harness's table, then one JSON object
+``{task: {metric: value}}`` as its last line, and the results are merged into ``<run>/harness/``.
 :func:`evaluate` is the whole job as a plain function (tests call it in-process).
 """
 
@@ -124,6 +128,12 @@ def evaluate(cfg: Any, out=None) -> dict[str, Any]:
 
     Returns the metrics dict; when ``out`` (a text stream) is given, writes the table and the JSON line there.
     """
+    from mom.harness.run import task_list
+
+    if task_list((plain_keys(cfg, ("harness",)).get("harness") or {}).get("tasks")):
+        from mom.harness.run import evaluate as evaluate_harness
+
+        return evaluate_harness(plain_keys(cfg, ("run_dir", "model_dir", "harness")), out=out)
     from torchmetrics.aggregation import SumMetric
 
     from mom.data.corpus import DataError
@@ -217,11 +227,12 @@ def setup_stderr_logging(level: int = logging.INFO) -> None:
 def main(cfg: DictConfig) -> None:
     setup_stderr_logging()
     from mom.data.corpus import DataError
+    from mom.harness import HarnessError
     from mom.model.config import ConfigError
 
     try:
         evaluate(cfg, out=sys.stdout)
-    except (EvalError, DataError, ConfigError, FileNotFoundError) as e:
+    except (EvalError, HarnessError, DataError, ConfigError, FileNotFoundError) as e:
         fail(str(e))
 
 
