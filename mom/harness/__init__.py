@@ -17,7 +17,10 @@ Nothing here imports lm_eval until a task runs, so MoM works without the extra i
 """
 
 
-class HarnessError(ValueError):
+from mom.errors import MoMError
+
+
+class HarnessError(MoMError, ValueError):
     """A bad harness request (unknown task or model argument, missing extra, a dataset that cannot be
     loaded): reported as one line by the entry points."""
 

@@ -14,7 +14,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mom.errors import fail
+    from mom.cli import fail
     from mom.harness import HarnessError
     from mom.harness.run import require_lm_eval
 

@@ -44,7 +44,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def find_model_dir(run_dir: Any = None, model_dir: Any = None, pretrained: Any = None) -> Path:
     """The model folder named by the arguments; ``pretrained`` may be a model folder or a run folder."""
-    from mom.eval import resolve_model_dir
+    from mom.run_folder import resolve_model_dir
 
     if pretrained and not (run_dir or model_dir):
         path = Path(str(pretrained)).expanduser()
@@ -72,16 +72,16 @@ class MoMLM(TemplateLM):
         super().__init__()
         from mom.data.tokenizer import special_token_ids
 
-        if model is None or tokenizer is None:
-            from mom.eval import load_model_and_tokenizer
-
-            self.model_dir = find_model_dir(run_dir, model_dir, pretrained)
-            model, tokenizer = load_model_and_tokenizer(self.model_dir, error=HarnessError)
-        else:
-            self.model_dir = None
         if dtype not in DTYPES:
             raise HarnessError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if model is None or tokenizer is None:
+            from mom.run_folder import load_model_and_tokenizer
+
+            self.model_dir = find_model_dir(run_dir, model_dir, pretrained)
+            model, tokenizer = load_model_and_tokenizer(self.model_dir, error=HarnessError, map_location=str(self._device))
+        else:
+            self.model_dir = None
         self.model = model.to(self._device).eval()
         self.tokenizer = tokenizer
         self.config = model.config

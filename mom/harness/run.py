@@ -92,7 +92,7 @@ def run_tasks(cfg: dict[str, Any], *, model_dir: Path | None = None, model: Any 
             log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
             fewshot_random_seed=seed)
     except (ConnectionError, OSError) as e:  # a Hub task without network: one line that says so
-        from mom.errors import one_line
+        from mom.cli import one_line
         from mom.harness.tasks import OFFLINE_TASKS
 
         raise HarnessError(f"a task's dataset could not be loaded: {one_line(e)[:300]} (Hub tasks need the "
@@ -175,9 +175,9 @@ def evaluate(cfg: dict[str, Any], out: Any = None) -> dict[str, dict[str, float]
     Writes the harness's table and then the summary as one JSON line to ``out`` (a text stream) when given,
     merges the results into the run folder (:func:`save_results`) and returns the summary.
     """
-    from mom.eval import resolve_model_dir
+    from mom.run_folder import resolve_model_dir
 
-    model_dir = resolve_model_dir(cfg.get("run_dir"), cfg.get("model_dir"))
+    model_dir = resolve_model_dir(cfg.get("run_dir"), cfg.get("model_dir"), error=HarnessError)
     results = run_tasks(dict(cfg.get("harness") or {}), model_dir=model_dir)
     summary = summarize(results)
     run = run_folder_of(cfg.get("run_dir"), model_dir)
