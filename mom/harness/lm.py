@@ -75,6 +75,9 @@ class MoMLM(TemplateLM):
         if dtype not in DTYPES:
             raise HarnessError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self._device.type == "cuda" and not torch.cuda.is_available():  # the harness CLI's default is cuda:0
+            log.warning("device %s requested but CUDA is not available: running on the CPU", self._device)
+            self._device = torch.device("cpu")
         if model is None or tokenizer is None:
             from mom.run_folder import load_model_and_tokenizer
 
@@ -90,6 +93,9 @@ class MoMLM(TemplateLM):
         if max_batch_size:
             self._batch_size = min(self._batch_size, int(max_batch_size))
         self._max_length = int(max_length or self.config.max_position_embeddings)
+        if self._max_length > self.config.max_position_embeddings:
+            log.warning("max_length %d > the model's trained context %d", self._max_length,
+                        self.config.max_position_embeddings)
         self._max_gen_toks = int(max_gen_toks)
         self._autocast_dtype = DTYPES[dtype]
         self._seed = int(seed)
