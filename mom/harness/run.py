@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mom.files import atomic_write
 from mom.harness import HarnessError
 
 log = logging.getLogger("mom.harness")
@@ -154,10 +155,7 @@ def save_results(run: Path, model_dir: Path, results: dict[str, Any]) -> Path:
                                 "version": (results.get("versions") or {}).get(task), "date": when}
     saved.update({"model_dir": str(model_dir), **{k: v for k, v in (results.get("mom") or {}).items()
                                                  if k != "model_dir"}})
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: f.write(json.dumps(saved, indent=2, sort_keys=True) + "\n"), mode="w")
 
 
 def log_results(loggers: list[Any], summary: dict[str, dict[str, float]], step: int | None = None) -> None:

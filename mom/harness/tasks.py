@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mom.data.corpus import stable_hash
+from mom.files import replace_dir
 
 OFFLINE_TASKS = ("shakespeare_next_line", "shakespeare_ppl")
 BUILD_VERSION = 1  # bump when what the builders write changes
@@ -140,13 +141,9 @@ def offline_task_dir(root: str | os.PathLike | None = None) -> Path:
         _write_jsonl(tmp / "shakespeare_next_line.jsonl", [q for p, t in plays for q in next_line_questions(p, t)])
         hf_cache = final / "hf_cache"
         for name, body in (("shakespeare_next_line", NEXT_LINE_BODY), ("shakespeare_ppl", PPL_BODY)):
-            # the YAML is written last in the folder's final place, so it is there only when all is
+            # the data files are named at their final place: the folder is renamed there when complete
             (tmp / f"{name}.yaml").write_text(_task_yaml(name, final / f"{name}.jsonl", hf_cache, body), encoding="utf-8")
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process finished first (a non-empty folder is never replaced): use it
-            if not (final / "shakespeare_ppl.yaml").is_file():
-                raise
+        replace_dir(tmp, final)  # a concurrent builder wrote the same files: replacing them changes nothing
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
