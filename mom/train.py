@@ -29,6 +29,7 @@ import torch
 from omegaconf import DictConfig
 
 from mom.config import CONF_DIR, model_config, register_configs, to_plain, wandb_mode_offline
+from mom.model.config import ConfigError
 
 log = logging.getLogger("mom")
 register_configs()
@@ -59,7 +60,7 @@ def _instantiate_all(group: Any, run_dir: Path, task_name: str) -> list[Any]:
         if node is None:
             continue
         if not (isinstance(node, DictConfig) and "_target_" in node):
-            raise ValueError(f"{name}: expected a mapping with _target_, got {node!r}")
+            raise ConfigError(f"{name}: expected a mapping with _target_, got {node!r}")
         kwargs: dict[str, Any] = {}
         if str(node._target_).endswith("WandbLogger"):
             if node.get("offline") is None:
@@ -129,8 +130,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     accelerator = resolve_accelerator(cfg.trainer.accelerator)
     check_optimizer(cfg.optimizer, accelerator)  # before any data or model work
     model_config(cfg.model, cfg.precision)  # ConfigError naming the key, before the tokenizer is trained
-    harness = to_plain((cfg.get("eval") or {}).get("harness")) or {}
-    if harness.get("tasks"):
+    from mom.harness.run import harness_options
+
+    harness = harness_options((cfg.get("eval") or {}).get("harness"))
+    if harness["tasks"]:
         from mom.harness.run import require_lm_eval
 
         require_lm_eval()  # not after an hour of training

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import tiny_overrides
+from tests.helpers.overrides import tiny_overrides
 
 pytest.importorskip("lm_eval")
 

@@ -25,15 +25,26 @@ from mom.harness import HarnessError
 
 log = logging.getLogger("mom.harness")
 
-HARNESS_KEYS = ("tasks", "num_fewshot", "limit", "batch_size", "max_length", "max_gen_toks", "device", "dtype",
-                "include_path", "bootstrap_iters", "seed")
-
 
 def require_lm_eval() -> None:
     try:
         import lm_eval  # noqa: F401
     except ImportError:
         raise HarnessError("lm-evaluation-harness is not installed: pip install -e '.[eval]'") from None
+
+
+def harness_options(node: Any) -> dict[str, Any]:
+    """A ``harness`` node (DictConfig, dict, ``HarnessSchema`` or None) as a plain dict with every key of
+    :class:`~mom.config.HarnessSchema` (its default where the node has none); ``tasks`` as a list of names."""
+    import dataclasses
+
+    from mom.config import HarnessSchema, schema_defaults, to_plain
+
+    out = schema_defaults(HarnessSchema)
+    node = dataclasses.asdict(node) if dataclasses.is_dataclass(node) else to_plain(node)
+    out.update({k: v for k, v in (node or {}).items() if k in out})
+    out["tasks"] = task_list(out["tasks"])
+    return out
 
 
 def task_list(tasks: Any) -> list[str]:
@@ -77,19 +88,19 @@ def run_tasks(cfg: dict[str, Any], *, model_dir: Path | None = None, model: Any 
 
     from mom.harness.lm import MoMLM
 
-    tasks = task_list(cfg.get("tasks"))
+    cfg = harness_options(cfg)
+    tasks = cfg["tasks"]
     if not tasks:
         raise HarnessError("harness.tasks is empty: name at least one task, e.g. harness.tasks=[shakespeare_ppl]")
-    tm = task_manager(tasks, cfg.get("include_path"))
+    tm = task_manager(tasks, cfg["include_path"])
     lm = MoMLM(model_dir=str(model_dir) if model is None else None, model=model, tokenizer=tokenizer,
-               batch_size=int(cfg.get("batch_size") or 8), max_length=cfg.get("max_length"),
-               max_gen_toks=int(cfg.get("max_gen_toks") or 256), device=cfg.get("device") or device,
-               dtype=str(cfg.get("dtype") or "float32"), seed=int(cfg.get("seed") or 1234))
-    seed = int(cfg.get("seed") or 1234)
+               batch_size=int(cfg["batch_size"]), max_length=cfg["max_length"], max_gen_toks=int(cfg["max_gen_toks"]),
+               device=cfg["device"] or device, dtype=str(cfg["dtype"]), seed=int(cfg["seed"]))
+    seed = int(cfg["seed"])
     try:
         results = lm_eval.simple_evaluate(
-            model=lm, tasks=tasks, task_manager=tm, num_fewshot=cfg.get("num_fewshot"),
-            limit=_int_if_whole(cfg.get("limit")), bootstrap_iters=int(cfg.get("bootstrap_iters") or 0),
+            model=lm, tasks=tasks, task_manager=tm, num_fewshot=cfg["num_fewshot"],
+            limit=_int_if_whole(cfg["limit"]), bootstrap_iters=int(cfg["bootstrap_iters"]),
             log_samples=False, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
             fewshot_random_seed=seed)
     except (ConnectionError, OSError) as e:  # a Hub task without network: one line that says so
@@ -176,7 +187,7 @@ def evaluate(cfg: dict[str, Any], out: Any = None) -> dict[str, dict[str, float]
     from mom.run_folder import resolve_model_dir
 
     model_dir = resolve_model_dir(cfg.get("run_dir"), cfg.get("model_dir"), error=HarnessError)
-    results = run_tasks(dict(cfg.get("harness") or {}), model_dir=model_dir)
+    results = run_tasks(cfg.get("harness"), model_dir=model_dir)
     summary = summarize(results)
     run = run_folder_of(cfg.get("run_dir"), model_dir)
     if run is not None:
@@ -198,7 +209,7 @@ def after_training(cfg: dict[str, Any], run_dir: Path, trainer: Any) -> dict[str
     if not trainer.is_global_zero:
         return {}
     model_dir = run_dir / "model"
-    tasks = task_list(cfg.get("tasks"))
+    tasks = harness_options(cfg)["tasks"]
     try:
         if not (model_dir / "model.safetensors").is_file():
             raise HarnessError(f"{model_dir} was not written (save_model=false?)")
