@@ -107,7 +107,7 @@ def test_yaml_repeats_no_schema_default():
     import mom.config as C
 
     typed = {"optimizer": C.OptimizerSchema, "scheduler": C.SchedulerSchema, "trainer": C.TrainerSchema,
-             "slm": C.SlmSchema}
+             "slm": C.SlmSchema, "harness": C.HarnessSchema}
     files = [(p, cls) for g, cls in typed.items() for p in sorted((C.CONF_DIR / g).glob("*.yaml"))]
     files += [(C.CONF_DIR / f"{n}.yaml", cls) for n, cls in (("train", C.TrainConfig), ("eval", C.EvalConfig),
               ("generate", C.GenerateConfig), ("export", C.ExportConfig), ("score", C.ScoreConfig))]
