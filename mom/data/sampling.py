@@ -68,7 +68,8 @@ class EpochSampler(DistributedSampler):
             if self._skip[0] == self.epoch:
                 start = self._skip[1]
             self._skip = None
-        yield from self.order()[start:].tolist()
+        for chunk in self.order()[start:].split(1 << 16):  # not one Python int per window at once
+            yield from chunk.tolist()
 
     def __len__(self) -> int:
         return self.n // self.num_replicas
