@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from tokenizers import Tokenizer
 
 from mom.data.corpus import DataError, stable_hash
 from mom.data.prepare import FORMAT_VERSION, prepare_shards, token_dtype
+from mom.files import atomic_write
 
 CACHE_VERSION = FORMAT_VERSION
 
@@ -209,8 +211,6 @@ def build_token_caches(
 ) -> dict[str, TokenCache]:
     """Tokenise ``stream()`` (pairs of split, text) into the caches ``keys`` ({split: key}) at once."""
     d = Path(cache_dir) / "tokens"
-    import time
-
     t0 = time.perf_counter()
     out = prepare_shards(stream, tokenizer, d / folder, eos_id=eos_id, splits=tuple(keys), num_proc=num_proc,
                          shard_bytes=shard_bytes, log=log)
@@ -218,10 +218,8 @@ def build_token_caches(
     for split, key in keys.items():
         meta = {"version": CACHE_VERSION, **out[split], "tokenize_s": round(time.perf_counter() - t0, 3),
                 "split": split, **(info or {})}
-        path = d / f"{key}.json"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(meta, indent=1, default=str))
-        os.replace(tmp, path)
+        atomic_write(d / f"{key}.json", lambda f, meta=meta: f.write(json.dumps(meta, indent=1, default=str)),
+                     mode="w")
         caches[split] = TokenCache(key, d, meta, built=True)
     (d / folder / "progress.json").unlink(missing_ok=True)
     return caches

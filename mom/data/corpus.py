@@ -28,12 +28,14 @@ from typing import Any
 
 import numpy as np
 
+from mom.errors import MoMError
+
 # Bump when the markdown cleaning or a local reader changes what text comes out (invalidates caches).
 TEXT_VERSION = 2
 SPLITS = ("train", "validation")
 
 
-class DataError(ValueError):
+class DataError(MoMError, ValueError):
     """Unusable data: a missing file, an empty corpus, a field that is not there, too few tokens."""
 
 

@@ -22,8 +22,8 @@ the per-shard document offsets (8 bytes per document of the current shard).
 
 Workers: ``num_proc = 0`` encodes in this process (``encode_batch``, which the tokenizers library spreads
 over its own threads); ``num_proc >= 1`` starts that many *spawned* processes, each encoding single-threaded
-(so N processes use N cores); the reader and writer stay in this process. This module imports only numpy
-and tokenizers, so a spawned worker starts quickly.
+(so N processes use N cores); the reader and writer stay in this process. This module imports only numpy,
+tokenizers and ``mom.files``, so a spawned worker starts quickly.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
+
+from mom.files import atomic_write, fsync_dir
 
 FORMAT_VERSION = 2
 
@@ -96,12 +98,7 @@ class _Done:
 
 # ------------------------------------------------------------------------------------------ writing
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, default=str)), mode="w")
 
 
 class _SplitWriter:
@@ -145,11 +142,9 @@ class _SplitWriter:
         self._f.close()
         self._f = None
         offsets = np.concatenate(self._offsets).astype(np.int64)
-        docs_tmp = self.folder / f".{self.name}.docs.npy.tmp"
-        with open(docs_tmp, "wb") as f:
-            np.save(f, offsets)
-        os.replace(docs_tmp, self.folder / f"{self.name}.docs.npy")
-        os.replace(self.tmp, self.folder / f"{self.name}.bin")
+        atomic_write(self.folder / f"{self.name}.docs.npy", lambda f: np.save(f, offsets))
+        os.replace(self.tmp, self.folder / f"{self.name}.bin")  # written and fsynced as it grew
+        fsync_dir(self.folder)
         self.shards.append({"file": f"{self.name}.bin", "n_tokens": self._shard_tokens,
                             "n_docs": len(offsets), "n_bytes": self._shard_bytes})
 
