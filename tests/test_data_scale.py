@@ -87,6 +87,7 @@ KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_preparation_killed_halfway_resumes_to_the_same_shards(corpus_dir, tok, tmp_path):
     tok_path = tmp_path / "tok.json"
     tok.save(str(tok_path))

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from mom.files import atomic_write, fsync_dir
+from mom.files import atomic_write, publish
 
 FORMAT_VERSION = 2
 
@@ -143,8 +143,7 @@ class _SplitWriter:
         self._f = None
         offsets = np.concatenate(self._offsets).astype(np.int64)
         atomic_write(self.folder / f"{self.name}.docs.npy", lambda f: np.save(f, offsets))
-        os.replace(self.tmp, self.folder / f"{self.name}.bin")  # written and fsynced as it grew
-        fsync_dir(self.folder)
+        publish(self.tmp, self.folder / f"{self.name}.bin")  # written and fsynced as it grew
         self.shards.append({"file": f"{self.name}.bin", "n_tokens": self._shard_tokens,
                             "n_docs": len(offsets), "n_bytes": self._shard_bytes})
 
