@@ -264,3 +264,35 @@ def test_corpus_larger_than_the_memory_budget_prepares_and_trains(tmp_path):
     fields = proc.stdout.split()
     text_bytes, shards = int(fields[fields.index("TEXT_BYTES") + 1]), int(fields[fields.index("SHARDS") + 1])
     assert text_bytes > budget and shards >= 5
+
+
+# ------------------------------------------------------------------------------------------ rank-0 preparation
+def test_only_local_rank_0_prepares_the_others_wait(tmp_path, monkeypatch):
+    import threading
+
+    import mom.data.datamodule as dmod
+
+    ranks = {}  # thread -> local rank it plays
+    monkeypatch.setattr(dmod, "local_rank", lambda: ranks.get(threading.current_thread().name, 0))
+    synthetic_corpus(tmp_path / "c", 100_000, n_files=1, seed=4)
+    kw = dict(source={"type": "jsonl", "paths": str(tmp_path / "c")}, val_fraction=0.05,
+              tokenizer={"vocab_size": 300, "max_train_bytes": 100_000}, seq_len=64, batch_size=4,
+              cache_dir=tmp_path / "cache", num_proc=0)
+    other = MoMDataModule(**kw)
+    ranks["rank1"] = 1
+    t = threading.Thread(target=other.setup, name="rank1")
+    t.start()
+    t.join(timeout=1.0)
+    assert t.is_alive() and not other.corpus.loaded  # waiting for rank 0, reading nothing
+    zero = MoMDataModule(**kw)
+    zero.setup()
+    t.join(timeout=60)
+    assert not t.is_alive()
+    assert not other.corpus.loaded and {s: c.key for s, c in other.caches.items()} == \
+        {s: c.key for s, c in zero.caches.items()}
+    assert len(other.train_dataset) == len(zero.train_dataset)
+    monkeypatch.setattr(dmod, "local_rank", lambda: 1)
+    lonely = MoMDataModule(**{**kw, "cache_dir": tmp_path / "empty"})
+    monkeypatch.setenv("MOM_DATA_WAIT_S", "0.2")
+    with pytest.raises(dmod.DataError, match="waiting for local rank 0 to prepare the tokenizer"):
+        lonely.prepare_data()
