@@ -27,20 +27,43 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def _watch_workers(peak: list[float], stop) -> None:
+    """Largest VmHWM (peak RSS since exec) of this process's worker processes, polled (getrusage's figure for
+    children counts the parent's pages they held between fork and exec)."""
+    import multiprocessing as mp
+
+    while not stop.is_set():
+        for child in mp.active_children():
+            try:
+                with open(f"/proc/{child.pid}/status") as f:
+                    hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+                peak[0] = max(peak[0], hwm / 1024)
+            except (OSError, StopIteration):
+                pass
+        stop.wait(0.2)
+
+
 def child_prepare(corpus: str, cache: str, num_proc: int) -> dict:
     """One cold preparation (tokenise both splits) through the DataModule, in this fresh process."""
+    import threading
+
     from mom.data.datamodule import MoMDataModule
 
+    peak, stop = [0.0], threading.Event()
+    watcher = threading.Thread(target=_watch_workers, args=(peak, stop), daemon=True)
+    watcher.start()
     t0 = time.perf_counter()
     dm = MoMDataModule(source={"type": "jsonl", "paths": corpus}, val_fraction=0.01, num_proc=num_proc,
                        tokenizer={"path": str(Path(cache).parent / "tokenizer.json")}, cache_dir=cache)
     dm.prepare_data()
     seconds = time.perf_counter() - t0
+    stop.set()
+    watcher.join()
     tokens = dm.caches["train"].n_tokens + dm.caches["validation"].n_tokens
     text = dm.caches["train"].n_bytes + dm.caches["validation"].n_bytes
     return {"seconds": seconds, "tokens": tokens, "text_bytes": text,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+            "worker_peak_rss_mb": peak[0]}
 
 
 def run_child(*args: str) -> dict:
@@ -76,14 +99,14 @@ def loader_vs_step(corpus: str, cache: str, batches: int) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batch = next(iter(dm.train_dataloader()))
     times = []
-    for _ in range(4):
+    for _ in range(3):
         t0 = time.perf_counter()
         out = model(batch["input_ids"], labels=batch["labels"])
         out.loss.backward()
         opt.step()
         opt.zero_grad()
         times.append(time.perf_counter() - t0)
-    step_tps = B * T / sorted(times[1:])[1]
+    step_tps = B * T / min(times[1:])
     return {"loader_tokens_per_s": loader_tps, "step_tokens_per_s": step_tps, "seq_len": T, "batch_size": B}
 
 
@@ -121,7 +144,7 @@ def main() -> None:
     rows = {}
     for name, mb, n_proc in (("in-process", big_mb, 0), ("1 worker", big_mb, 1), ("2 workers", big_mb, 2),
                              ("in-process, small", small_mb, 0), ("2 workers, small", small_mb, 2)):
-        cache = work / f"cache-{name.replace(' ', '').replace(',', '-')}"
+        cache = work / f"cache-{name.replace(' ', '').replace(',', '-').replace('-', '')}"
         if cache.exists():
             import shutil
 
