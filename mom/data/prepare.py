@@ -34,6 +34,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -87,12 +88,12 @@ def encode_task(texts: list[str], eos_id: int, dtype: str, tokenizer: Tokenizer 
 
 
 class _Done:
-    """A finished in-process task (same interface as multiprocessing's AsyncResult)."""
+    """A finished in-process task (the interface of a Future)."""
 
     def __init__(self, value):
         self.value = value
 
-    def get(self):
+    def result(self):
         return self.value
 
 
@@ -190,8 +191,9 @@ def prepare_shards(
         log(f"resuming the tokenisation after {consumed:,} documents ({segment} segments)")
 
     pool = None
-    if num_proc > 0:
-        pool = mp.get_context("spawn").Pool(num_proc, initializer=_init_worker, initargs=(tokenizer.to_str(),))
+    if num_proc > 0:  # a process pool that raises (BrokenProcessPool) if a worker dies, rather than hanging
+        pool = ProcessPoolExecutor(num_proc, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                   initargs=(tokenizer.to_str(),))
     in_flight: deque = deque()
     max_in_flight = max(1, 2 * num_proc)
     batches: dict[str, list[str]] = {s: [] for s in splits}
@@ -207,13 +209,13 @@ def prepare_shards(
         if pool is None:
             in_flight.append((split, _Done(encode_task(texts, eos_id, dtype.name, tokenizer))))
         else:
-            in_flight.append((split, pool.apply_async(encode_task, (texts, eos_id, dtype.name))))
+            in_flight.append((split, pool.submit(encode_task, texts, eos_id, dtype.name)))
         while len(in_flight) > max_in_flight:
             drain_one()
 
     def drain_one() -> None:
         split, res = in_flight.popleft()
-        writers[split].write(segment, *res.get())
+        writers[split].write(segment, *res.result())
 
     def end_segment() -> None:
         nonlocal segment, seg_chars
@@ -249,8 +251,7 @@ def prepare_shards(
         for w in writers.values():
             w.abort()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
     return {s: {**w.state(), "dtype": dtype.name, "eos_id": eos_id, "vocab_size": vocab,
                 "folder": folder.name} for s, w in writers.items()}
 

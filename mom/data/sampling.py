@@ -68,7 +68,7 @@ class EpochSampler(DistributedSampler):
             if self._skip[0] == self.epoch:
                 start = self._skip[1]
             self._skip = None
-        for chunk in self.order()[start:].split(1 << 16):  # not one Python int per window at once
+        for chunk in self.order()[start:].split(4096):  # not one Python int per window at once
             yield from chunk.tolist()
 
     def __len__(self) -> int:
