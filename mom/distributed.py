@@ -16,17 +16,14 @@ shifts decay rates) stay fp32 in a unit of their own; gradients are reduced in f
 **Launch.** Lightning's launchers start the processes: its subprocess launcher reruns the command line for the
 other local ranks (``ddp``, this strategy), or the processes come from outside (torchrun, SLURM: each process
 then runs the same command, Lightning reads the ranks from the environment). :func:`check_launch` refuses, in one
-line, the combinations that cannot work (a Hydra multirun with a strategy that reruns the command line);
-:func:`prepare_once` has local rank 0 prepare the data first when torchrun or SLURM started every process.
+line, the combinations that cannot work (a Hydra multirun with a strategy that reruns the command line). Data
+preparation once per node (local rank 0 first, the others wait) is the DataModule's (:mod:`mom.data.datamodule`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -154,39 +151,6 @@ def reruns_command_line(strategy: Any, devices: Any, num_nodes: int) -> bool:
 def launched_externally() -> bool:
     """The processes were started by torchrun or SLURM (each one runs the command itself)."""
     return "TORCHELASTIC_RUN_ID" in os.environ or "SLURM_NTASKS" in os.environ or "LOCAL_RANK" in os.environ
-
-
-def prepare_once(prepare: Callable[[], Any], run_dir: str | os.PathLike, timeout_s: float | None = None) -> None:
-    """Run ``prepare`` (data preparation: tokenizer, token caches) on the local rank 0 of each node first.
-
-    Processes started by torchrun or SLURM all run ``mom.train`` at once and no process group exists yet: the
-    other local ranks wait for a marker file that local rank 0 writes in ``run_dir`` when ``prepare`` returns,
-    then run ``prepare`` themselves (it finds the caches built). Lightning's own launcher needs none of this (it
-    starts the other processes after rank 0 has prepared). ``MOM_PREPARE_TIMEOUT`` (seconds, default 7200).
-    """
-    world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or 1)
-    if not launched_externally() or world <= 1:
-        prepare()
-        return
-    local_rank = int(os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or 0)
-    job = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID") or "job"
-    node = os.environ.get("GROUP_RANK") or os.environ.get("SLURM_NODEID") or "0"
-    marker = Path(run_dir) / f".prepared-{job}-node{node}"
-    if local_rank == 0:
-        prepare()
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text("ok\n")
-        return
-    timeout_s = float(timeout_s or os.environ.get("MOM_PREPARE_TIMEOUT") or 7200)
-    deadline = time.monotonic() + timeout_s
-    while not marker.exists():
-        if time.monotonic() > deadline:
-            from mom.model.config import ConfigError
-
-            raise ConfigError(f"local rank {local_rank}: local rank 0 did not finish preparing the data within "
-                              f"{timeout_s:.0f} s (no {marker}); raise MOM_PREPARE_TIMEOUT for very large corpora")
-        time.sleep(0.2)
-    prepare()
 
 
 def in_multirun() -> bool:

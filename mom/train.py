@@ -125,7 +125,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import lightning as L
 
     from mom.data.datamodule import build_datamodule
-    from mom.distributed import check_launch, prepare_once
+    from mom.distributed import check_launch
     from mom.lit import MoMLitModule, parameter_summary
     from mom.optim import check_optimizer
 
@@ -149,7 +149,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
 
     dm = build_datamodule(cfg.data, tokenizer_dir=run_dir / "tokenizer")
-    prepare_once(dm.prepare_data, run_dir)  # torchrun/SLURM: local rank 0 tokenises, the others then read
+    dm.prepare_data()  # local rank 0 of each node tokenises; under torchrun/SLURM the others wait for it
     dm.setup("fit")
     lit = MoMLitModule(model=to_plain(cfg.model), precision=to_plain(cfg.precision),
                        optimizer=to_plain(cfg.optimizer), scheduler=to_plain(cfg.scheduler),

@@ -1,7 +1,8 @@
 """Several processes on CPU (gloo): FSDP on 2 processes and DDP across 2 one-process "nodes", each launched by
 torchrun (rendezvous on 127.0.0.1) running tests/dist_job.py: exact resume (the run resumed from step 2 ends with
 the uninterrupted run's weights and losses) and a model/ that one process loads. Plus the pieces that need no
-second process: sharding, the sampler's shards, launch checks, FLOPs and peak accounting."""
+second process: sharding, launch checks, FLOPs and peak accounting (the samplers' shards and local-rank-0 data
+preparation: tests/test_data_scale.py)."""
 
 from __future__ import annotations
 
@@ -149,20 +150,6 @@ def test_global_grad_norm_of_sharded_model_is_the_whole_models(compose, one_proc
     assert global_grad_norm(sharded.parameters()) == pytest.approx(1e-3, rel=1e-3)
 
 
-def test_every_rank_a_distinct_shard_and_lightning_leaves_it_alone():
-    from torch.utils.data import DistributedSampler
-
-    from mom.data.datamodule import DistributedEpochSampler, EpochSampler
-
-    shards = [DistributedEpochSampler(11, seed=3, rank=r, num_replicas=2) for r in range(2)]
-    assert isinstance(shards[0], DistributedSampler)  # so Lightning does not wrap it (and lose its resume state)
-    a, b = (list(s) for s in shards)
-    assert len(a) == len(b) == 5 and not set(a) & set(b)
-    assert set(a) | set(b) <= set(EpochSampler(11, seed=3).order().tolist()[:10])
-    shards[1].skip(0, 2)  # mid-epoch resume: the rank's next 3 windows
-    assert list(shards[1]) == b[2:]
-
-
 def test_datamodule_pickles(compose, tmp_path):
     from mom.data.datamodule import build_datamodule
 
@@ -238,25 +225,6 @@ def test_throughput_and_mfu_logged_and_summarised(compose, train_fn, tmp_path, c
     assert {"train/tokens_per_s", "train/mfu"} <= cols
     out = capsys.readouterr().out
     assert "tokens/s" in out and "MFU" in out and "trainer.peak_flops" in out
-
-
-def test_prepare_once_local_rank_zero_first(monkeypatch, tmp_path):
-    import threading
-
-    from mom.distributed import prepare_once
-
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "t1")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    order: list[str] = []
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    waiter = threading.Thread(target=prepare_once, args=(lambda: order.append("rank1"), tmp_path))
-    waiter.start()  # reads the environment now: local rank 1, waits for rank 0's marker
-    waiter.join(timeout=1.0)
-    assert waiter.is_alive() and order == []
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    prepare_once(lambda: order.append("rank0"), tmp_path)
-    waiter.join(timeout=10)
-    assert order == ["rank0", "rank1"]
 
 
 def test_trainer_fsdp_builds_as_on_gpus(compose, tmp_path):

@@ -17,8 +17,7 @@ from tests.helpers.imports import cycles, imported_names, modules, parse, projec
 from tests.helpers.markers import subprocess_tests
 
 MODULES = modules()
-# The data pipeline's corpus <-> noisy cycle is being removed with the data sources' registry (issue 16).
-KNOWN_CYCLES = [["mom.data.corpus", "mom.data.noisy"]]
+KNOWN_CYCLES: list[list[str]] = []
 
 
 def _defs(name: str) -> list[str]:

@@ -19,8 +19,8 @@ import torch
 from tests.helpers.overrides import TINY_RUN, small_model_overrides
 
 SEQ = 32
-NOISY = ["data.noise.first_play=0", "data.noise.plays=1", "data.noise.max_docs=40"]
-CLEAN_REF = ["data.noise.first_play=1", "data.noise.plays=1", "data.noise.doc_frac=0.0", "data.noise.background=0.0"]
+NOISY = ["data.source.first_play=0", "data.source.plays=1", "data.source.max_docs=40"]
+CLEAN_REF = ["data.source.first_play=1", "data.source.plays=1", "data.source.doc_frac=0.0", "data.source.background=0.0"]
 
 
 def _run_overrides(run_dir: Path, extra: list[str]) -> list[str]:
@@ -245,15 +245,28 @@ def test_rho_without_scores_is_a_clear_error(compose, train_fn, ref_run, tmp_pat
         train_fn(compose(_rho_overrides(tmp_path / "r", ref_run, ["data.seq_len=24", "trainer.max_steps=1"])))
 
 
-def test_document_filter_keeps_the_quantile_range(compose, ref_run, scored):
+def test_document_filter_keeps_the_quantile_range(compose, ref_run, scored, monkeypatch):
+    import mom.data.datamodule as dmod
     from mom.data.datamodule import build_datamodule
     from mom.data.noisy import noisy_documents
 
     flt = f"data.filter={{ref_run: '{ref_run}', min_quantile: 0.0, max_quantile: 0.5}}"
+    waited: list = []
+
+    def wait_for(paths, what, timeout_s=None):
+        waited.extend(paths)
+        raise TimeoutError(what)
+
+    with monkeypatch.context() as m:  # another local rank (torchrun): waits for local rank 0's filtered split
+        m.setattr(dmod, "local_rank", lambda: 1)
+        m.setattr(dmod, "wait_for", wait_for)
+        with pytest.raises(TimeoutError, match="filtered"):
+            build_datamodule(_data_cfg(compose, ref_run, [flt]), tokenizer_dir=None).prepare_data()
     dm = build_datamodule(_data_cfg(compose, ref_run, [flt]), tokenizer_dir=None)
     dm.prepare_data()
     base = scored["train"]["store"]
     kept = dm.caches["train"]
+    assert waited == [kept.meta_path]
     doc_losses = base.doc_losses
     n = len(doc_losses)
     assert kept.meta["kept_docs"] == kept.n_docs and abs(kept.n_docs - n / 2) <= 1
