@@ -233,3 +233,46 @@ def test_generate_errors_in_process(run, tmp_path):
         generate_text(_cfg(run, model_dir=str(tmp_path / "nope"), prompt="x"), out=None)
     with pytest.raises(GenerationError, match="run_dir not found"):
         generate_text(_cfg(tmp_path / "nope", prompt="x"), out=None)
+
+
+# ----------------------------------------------------------------------------------------------- prompts as typed
+TYPED = ["Now is the winter of our discontent, made glorious summer", "What's in a name?",
+         'He said "to be", then: x=1 [a, b] {c} ${d}', r"ROMEO:\nJULIET:", "'Hydra-quoted, still fine'"]
+
+
+def test_prompt_args_are_taken_verbatim(tmp_path):
+    from mom.prompts import PromptError, prompts_from_args, take_prompt_args
+
+    rest, taken = take_prompt_args(["run_dir=r", *[f"prompt={p}" for p in TYPED], "+prompt_file=f.txt", "seed=1"])
+    assert rest == ["run_dir=r", "seed=1"]
+    assert [k for k, _ in taken] == ["prompt"] * len(TYPED) + ["prompt_file"]
+    (tmp_path / "p.txt").write_text("line one, with a comma\nline two\n")
+    (tmp_path / "p.jsonl").write_text('"first"\n{"prompt": "second, too"}\n\n{"text": "third"}\n')
+    got = prompts_from_args([("prompt", p) for p in TYPED] + [("prompt_file", str(tmp_path / "p.txt")),
+                                                               ("prompt_file", str(tmp_path / "p.jsonl")),
+                                                               ("prompt", "-")], stdin=io.StringIO("from stdin\n"))
+    assert got == [*TYPED[:3], "ROMEO:\nJULIET:", "Hydra-quoted, still fine", "line one, with a comma\nline two",
+                   "first", "second, too", "third", "from stdin"]
+    with pytest.raises(PromptError, match="prompt_file not found: .*nope.txt"):
+        prompts_from_args([("prompt_file", str(tmp_path / "nope.txt"))])
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    with pytest.raises(PromptError, match=r"bad.jsonl:1: not a JSON line"):
+        prompts_from_args([("prompt_file", str(tmp_path / "bad.jsonl"))])
+
+
+def test_generate_cli_takes_prompts_as_typed(run, tmp_path):
+    """Commas, apostrophes, quotes, colons, =, brackets, ${..} and \\n on the command line, plus a prompt file
+    and stdin, all in one call: stdout is what generate_text gives for the same prompts."""
+    from mom.generate import generate_text
+
+    (tmp_path / "p.txt").write_text("the garden, at night\n")
+    prompts = [*TYPED[:3], "ROMEO:\nJULIET:", "the garden, at night", "from stdin"]
+    expected = generate_text(_cfg(run, max_new_tokens=3), out=None, prompts=prompts)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    argv = [sys.executable, "-m", "mom.generate", f"run_dir={run}", "max_new_tokens=3",
+            *[f"prompt={p}" for p in TYPED[:4]], f"prompt_file={tmp_path / 'p.txt'}", "prompt=-"]
+    p = subprocess.run(argv, input="from stdin\n", capture_output=True, text=True, cwd=work, timeout=120, env=ENV)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "".join(t + "\n" for t in expected)
+    assert all(t.startswith(q) for t, q in zip(expected, prompts, strict=True))
