@@ -239,3 +239,17 @@ def test_trainers_instantiate(compose, option, tmp_path):
 def test_paths_point_at_the_repo(compose):
     cfg = compose(RUN)
     assert Path(cfg.paths.root_dir) == CONF_DIR.parent and (Path(cfg.paths.root_dir) / "mom").is_dir()
+
+
+def test_warmup_longer_than_the_run_is_a_warning(caplog):
+    from mom.optim import build_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with caplog.at_level("WARNING", logger="mom"):
+        build_scheduler(opt, {"name": "cosine", "warmup_steps": 30, "min_lr_ratio": 0.1}, 12)
+    assert any("scheduler.warmup_steps=30 is not shorter than the run's 12 steps" in r.getMessage()
+               for r in caplog.records), caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mom"):
+        build_scheduler(opt, {"name": "cosine", "warmup_steps": 3}, 12)
+    assert not caplog.records
