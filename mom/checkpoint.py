@@ -2,8 +2,8 @@
 
 :class:`SafeCheckpointIO` is the ``CheckpointIO`` plugin ``mom.train`` gives its Trainer:
 
-- **atomic**: a checkpoint is written to a temporary file in the same folder, flushed and fsync'ed, then
-  renamed over the target (``os.replace``) and the folder fsync'ed; a crash (even SIGKILL) at any moment
+- **atomic**: a checkpoint goes through :func:`mom.files.atomic_write` (a temporary file in the same folder,
+  fsync'ed, renamed over the target, the folder fsync'ed); a crash (even SIGKILL) at any moment
   leaves either the old ``last.ckpt`` or the new one, never half of one;
 - **never non-finite**: a checkpoint whose weights hold NaN/inf is refused (:class:`NonFiniteLossError`), so
   the last good one stays;
@@ -22,10 +22,9 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path, PurePath
 from typing import Any
@@ -34,6 +33,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from mom.errors import CheckpointError, NonFiniteLossError
+from mom.files import atomic_write
 
 log = logging.getLogger("mom")
 
@@ -132,43 +132,6 @@ def nonfinite_weights(state_dict: Mapping[str, Any] | None) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------- files
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # not supported (e.g. some network filesystems, Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
-    """Write ``path`` atomically: ``write(file)`` into a temporary file in the same folder, flush, fsync,
-    ``os.replace`` over ``path``, fsync the folder. On any error (or interrupt) the temporary file is removed
-    and ``path`` is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
 def save_checkpoint_file(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """``torch.save`` a (weights-only) checkpoint dict atomically."""
     safe = to_safe(checkpoint)
@@ -288,5 +251,5 @@ def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: str | os.PathLike) 
     return str(ckpt_path)
 
 
-__all__ = ["SafeCheckpointIO", "atomic_write", "check_state_matches", "from_safe", "load_checkpoint_file",
+__all__ = ["SafeCheckpointIO", "check_state_matches", "from_safe", "load_checkpoint_file",
            "nonfinite_weights", "resolve_ckpt_path", "save_checkpoint_file", "to_safe"]

@@ -1,115 +1,35 @@
-"""MoM's user-facing errors and the one-line reporting of the ``python -m mom.<tool>`` entry points.
+"""MoM's error classes: every bad input a user can give is a :class:`MoMError`.
 
-Every bad input a user can give (a config value, a data file, a checkpoint, a prompt) raises one of the
-project's own exception types with a one-line message that names the key or the file:
+A config value, a data file, a checkpoint, a prompt: each raises a subclass of :class:`MoMError` whose
+message is one line naming the key or the file. The entry points catch ``MoMError`` in one place
+(:func:`mom.cli.one_line_errors`) and print ``error: <message>`` on stderr, exit code 1, no traceback; any
+other exception is a bug and keeps its traceback.
+
+The subclasses live next to the code that raises them:
 
 - :class:`mom.model.config.ConfigError`: a bad configuration value (``model.num_attention_heads: ...``)
+- :class:`mom.slm.SlmError`: a bad selective-LM set-up (a ``ConfigError``)
 - :class:`mom.data.corpus.DataError`: unusable data (missing file, empty corpus, too few tokens)
-- :class:`CheckpointError` (here): a checkpoint that is missing, truncated, unsafe or for another model
-- :class:`NonFiniteLossError` (here): training stopped on a NaN/inf loss term
-- ``EvalError`` / ``GenerationError`` / ``ExportError`` of the other entry points
+- :class:`mom.run_folder.RunFolderError`: a missing run or model folder, a tokenizer that is not the model's
+- :class:`mom.eval.EvalError`, :class:`mom.model.generation.GenerationError`, :class:`mom.export.ExportError`
+- :class:`CheckpointError` and :class:`NonFiniteLossError` (here: raised by several modules)
 
-The Hydra mains catch them and print ``error: <message>`` on stderr (one line, no traceback) and exit
-non-zero (:func:`fail`). Errors Hydra raises itself while composing the config (an unknown experiment or
-preset, a misspelt key, a value of the wrong type) would be printed by Hydra over several lines;
-:func:`run_cli` composes the command line once before handing it to Hydra and reports such an error as one
-line too (exit code 1).
+This module imports nothing from the project, so any module can import it.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+
+class MoMError(Exception):
+    """Bad input from the user (reported as one ``error:`` line), as opposed to a bug (a traceback)."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MoMError, ValueError):
     """A checkpoint that cannot be used: missing, truncated or corrupt, not weights-only, or for another model."""
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(MoMError, RuntimeError):
     """Training met a non-finite (NaN/inf) loss and ``callbacks.nonfinite.action`` is ``stop``."""
 
 
-def one_line(message: Any) -> str:
-    """``message`` as a single line (inner newlines and runs of spaces collapsed)."""
-    return " ".join(str(message).split())
-
-
-def fail(message: Any, code: int = 1) -> NoReturn:
-    """Print ``error: <message>`` on stderr as one line and exit with ``code`` (no traceback)."""
-    sys.stdout.flush()
-    print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """The exception types that mean "bad input" (reported as one line), not "bug" (a traceback)."""
-    from mom.data.corpus import DataError
-    from mom.model.config import ConfigError
-
-    return (ConfigError, DataError, CheckpointError, NonFiniteLossError, FileNotFoundError)
-
-
-# ------------------------------------------------------------------------------------ Hydra composition
-_HYDRA_FLAGS_WE_LEAVE_ALONE = ("-", )  # any flag (-m, --multirun, --cfg, --help, -cn ...): plain Hydra
-
-
-def hydra_error_line(exc: BaseException) -> str:
-    """One line for an exception raised while Hydra composes a config, naming the key or the option."""
-    from hydra.errors import MissingConfigException
-    from omegaconf.errors import OmegaConfBaseException
-
-    if isinstance(exc, MissingConfigException):
-        missing = str(getattr(exc, "missing_cfg_file", "") or "")
-        group, _, option = missing.rpartition("/")
-        options = list(getattr(exc, "options", None) or [])
-        if group and options:
-            return (f"{group}={option}: unknown {group} option (no conf/{missing}.yaml); "
-                    f"available: {', '.join(sorted(options))}")
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:  # the OmegaConf error behind Hydra's names the full key
-        seen.add(id(e))
-        if isinstance(e, OmegaConfBaseException):
-            key = getattr(e, "full_key", None)
-            msg = str(getattr(e, "msg", None) or e).splitlines()[0].strip()
-            if key:
-                return f"{key}: {msg}"
-        e = e.__cause__ or e.__context__
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return one_line(" ".join(lines[:2])) if lines else type(exc).__name__
-
-
-def preflight(config_name: str, overrides: Sequence[str]) -> str | None:
-    """Compose ``config_name`` with the command line's overrides (Hydra's own keys left out): the one-line
-    error Hydra would otherwise print over several lines, or None when the config composes."""
-    from mom.utils import compose
-
-    ours = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/", "hydra="))]
-    try:
-        compose(config_name, ours)
-    except Exception as e:  # noqa: BLE001 - every composition error becomes one line
-        return hydra_error_line(e)
-    finally:
-        from hydra.core.global_hydra import GlobalHydra
-
-        GlobalHydra.instance().clear()
-    return None
-
-
-def run_cli(hydra_main: Callable[[], Any], config_name: str, argv: Sequence[str] | None = None) -> Any:
-    """Run a ``@hydra.main`` function, reporting a config that does not compose as one line (exit 1).
-
-    Command lines with flags (``-m``, ``--cfg``, ``--help`` ...) go to Hydra unchecked.
-    """
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not any(a.startswith(_HYDRA_FLAGS_WE_LEAVE_ALONE) for a in args):
-        problem = preflight(config_name, args)
-        if problem is not None:
-            fail(problem, code=1)
-    return hydra_main()
-
-
-__all__ = ["CheckpointError", "NonFiniteLossError", "fail", "hydra_error_line", "one_line", "preflight",
-           "run_cli", "user_errors"]
+__all__ = ["CheckpointError", "MoMError", "NonFiniteLossError"]

@@ -30,85 +30,28 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from mom.errors import fail
-from mom.utils import CONF_DIR, register_configs, to_plain
+from mom.cli import one_line_errors
+from mom.config import CONF_DIR, plain_keys, register_configs
+from mom.errors import MoMError
+from mom.run_folder import (
+    check_vocab,
+    load_model_and_tokenizer,
+    resolve_model_dir,
+    run_data_config,
+    setup_stderr_logging,
+)
 
 log = logging.getLogger("mom.eval")
 register_configs()
 
 
-class EvalError(ValueError):
+class EvalError(MoMError, ValueError):
     """A bad evaluation request (missing folder, tokenizer/model mismatch, ...): one line for the user."""
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def resolve_model_dir(run_dir: Any, model_dir: Any, error: type[Exception] = EvalError) -> Path:
-    """``model_dir`` when given, else ``<run_dir>/model``; checked to exist."""
-    if model_dir:
-        path = Path(str(model_dir)).expanduser()
-        if not path.is_dir():
-            raise error(f"model_dir not found: {path}")
-    elif run_dir:
-        run = Path(str(run_dir)).expanduser()
-        if not run.is_dir():
-            raise error(f"run_dir not found: {run}")
-        path = run / "model"
-        if not path.is_dir():
-            raise error(f"{run} has no model/ folder (not a finished training run?); pass model_dir=...")
-    else:
-        raise error("give run_dir=<training run folder> or model_dir=<model folder>")
-    for name in ("config.json", "model.safetensors"):
-        if not (path / name).is_file():
-            raise error(f"{path / name} is missing: not a MoM model folder")
-    return path
-
-
-def load_model_and_tokenizer(model_dir: Path, error: type[Exception] = EvalError):
-    """The model (eval mode) and its tokenizer; refuses a tokenizer whose vocabulary size differs."""
-    from mom.data.tokenizer import load_tokenizer
-    from mom.model import MoMForCausalLM
-
-    tok_path = model_dir / "tokenizer.json"
-    if not tok_path.is_file():
-        raise error(f"{tok_path} is missing: the model folder must hold its tokenizer")
-    tok = load_tokenizer(path=tok_path)
-    try:
-        model = MoMForCausalLM.from_pretrained(model_dir).eval()
-    except (FileNotFoundError, ValueError) as e:
-        raise error(str(e)) from None
-    check_vocab(tok, model.config.vocab_size, tok_path, error)
-    return model, tok
-
-
-def check_vocab(tok, model_vocab: int, where: Any, error: type[Exception] = EvalError) -> None:
-    n = tok.get_vocab_size(with_added_tokens=True)
-    if n != model_vocab:
-        raise error(f"tokenizer {where} has {n} tokens but the model's vocab_size is {model_vocab}: "
-                    "not the tokenizer this model was trained with")
-
-
-def run_data_config(run_dir: Path) -> dict[str, Any]:
-    """The ``data`` node of a training run's ``.hydra/config.yaml``, resolved."""
-    path = run_dir / ".hydra" / "config.yaml"
-    if not path.is_file():
-        raise EvalError(f"{path} not found: give data=<data config> (e.g. data=shakespeare)")
-    cfg = OmegaConf.load(path)
-    if "data" not in cfg or not cfg.data:
-        raise EvalError(f"{path} has no data config: give data=<data config>")
-    try:
-        return OmegaConf.to_container(cfg.data, resolve=True)
-    except Exception as e:  # an interpolation that needs Hydra's runtime (hydra:...) or a missing env var
-        raise EvalError(f"cannot resolve the data config of {path}: {e}".splitlines()[0]) from None
-
-
-def plain_keys(cfg: Any, keys: tuple[str, ...]) -> dict[str, Any]:
-    """Those keys of a config (DictConfig or dict) as plain values; the rest (e.g. ``paths``, which needs
-    Hydra's runtime to resolve) is left alone."""
-    return {k: to_plain(cfg.get(k)) for k in keys if k in cfg}
-
-
 def _table(rows: list[tuple[str, str]]) -> str:
     w = max(len(k) for k, _ in rows)
     v = max(len(x) for _, x in rows)
@@ -130,15 +73,15 @@ def evaluate(cfg: Any, out=None) -> dict[str, Any]:
     from mom.data.datamodule import build_datamodule
 
     cfg = plain_keys(cfg, ("run_dir", "model_dir", "data", "max_seq_length", "batch_size", "seed"))
-    model_dir = resolve_model_dir(cfg.get("run_dir"), cfg.get("model_dir"))
-    model, tok = load_model_and_tokenizer(model_dir)
+    model_dir = resolve_model_dir(cfg.get("run_dir"), cfg.get("model_dir"), error=EvalError)
+    model, tok = load_model_and_tokenizer(model_dir, error=EvalError)
     config = model.config
 
     data_cfg = cfg.get("data") or {}
     if not data_cfg:
         if not cfg.get("run_dir"):
             raise EvalError("no data config: give data=<data config> or a run_dir whose .hydra/config.yaml has one")
-        data_cfg = run_data_config(Path(str(cfg["run_dir"])).expanduser())
+        data_cfg = run_data_config(Path(str(cfg["run_dir"])).expanduser(), error=EvalError)
     data_cfg = {k: v for k, v in dict(data_cfg).items() if k not in ("_target_", "tokenizer_dir")}
     # always the model's own tokenizer (never train one, never write one anywhere)
     data_cfg["tokenizer"] = {**dict(data_cfg.get("tokenizer") or {}), "path": str(model_dir / "tokenizer.json"),
@@ -155,7 +98,7 @@ def evaluate(cfg: Any, out=None) -> dict[str, Any]:
         dm.setup("validate")
     except DataError as e:
         raise EvalError(str(e)) from None
-    check_vocab(dm.tokenizer, config.vocab_size, model_dir / "tokenizer.json")
+    check_vocab(dm.tokenizer, config.vocab_size, model_dir / "tokenizer.json", error=EvalError)
     token_bytes = dm.token_bytes
 
     nll_sum, n_tokens, n_bytes = SumMetric(), SumMetric(), SumMetric()
@@ -202,30 +145,14 @@ def evaluate(cfg: Any, out=None) -> dict[str, Any]:
     return metrics
 
 
-def setup_stderr_logging(level: int = logging.INFO) -> None:
-    """Logs to stderr only (stdout is the command's output)."""
-    root = logging.getLogger()
-    if not any(getattr(h, "_mom_stderr", False) for h in root.handlers):
-        h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter("[%(name)s][%(levelname)s] %(message)s"))
-        h._mom_stderr = True  # type: ignore[attr-defined]
-        root.addHandler(h)
-    root.setLevel(level)
-
-
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def main(cfg: DictConfig) -> None:
     setup_stderr_logging()
-    from mom.data.corpus import DataError
-    from mom.model.config import ConfigError
-
-    try:
+    with one_line_errors():
         evaluate(cfg, out=sys.stdout)
-    except (EvalError, DataError, ConfigError, FileNotFoundError) as e:
-        fail(str(e))
 
 
 if __name__ == "__main__":
-    from mom.errors import run_cli
+    from mom.cli import run_cli
 
     run_cli(main, "eval")  # a config that does not compose: one line too

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import struct
 import sys
@@ -29,9 +28,11 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from mom.errors import fail
-from mom.eval import plain_keys, resolve_model_dir, setup_stderr_logging
-from mom.utils import CONF_DIR, register_configs
+from mom.cli import one_line_errors
+from mom.config import CONF_DIR, plain_keys, register_configs
+from mom.errors import MoMError
+from mom.files import replace_dir
+from mom.run_folder import resolve_model_dir, setup_stderr_logging
 
 log = logging.getLogger("mom.export")
 register_configs()
@@ -39,7 +40,7 @@ register_configs()
 FORMATS = ("packed",)
 
 
-class ExportError(ValueError):
+class ExportError(MoMError, ValueError):
     """A bad export request: one line for the user."""
 
 
@@ -96,22 +97,6 @@ def _default_output(cfg: dict[str, Any], model_dir: Path, fmt: str) -> Path:
     return model_dir.parent / f"{model_dir.name}-{fmt}"
 
 
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    """Rename the finished temporary folder to ``target`` (replacing an old export)."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        if old is not None:
-            os.replace(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 @torch.no_grad()
 def export(cfg: Any, out=None) -> dict[str, Any]:
     """Export the model of ``cfg`` (an export config); returns {"output_dir", sizes...}. Writes a size table
@@ -145,7 +130,7 @@ def export(cfg: Any, out=None) -> dict[str, Any]:
         model.save_pretrained(tmp)
         shutil.copy2(model_dir / "tokenizer.json", tmp / "tokenizer.json")
         after = ternary_part_bytes(tmp)
-        _swap_into_place(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -184,15 +169,11 @@ def export(cfg: Any, out=None) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
 def main(cfg: DictConfig) -> None:
     setup_stderr_logging()
-    from mom.model.config import ConfigError
-
-    try:
+    with one_line_errors():
         export(cfg, out=sys.stdout)
-    except (ExportError, ConfigError, FileNotFoundError) as e:
-        fail(str(e))
 
 
 if __name__ == "__main__":
-    from mom.errors import run_cli
+    from mom.cli import run_cli
 
     run_cli(main, "export")  # a config that does not compose: one line too

@@ -31,10 +31,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from mom.errors import fail
-from mom.eval import load_model_and_tokenizer, plain_keys, resolve_model_dir, setup_stderr_logging
+from mom.cli import one_line_errors
+from mom.config import CONF_DIR, plain_keys, register_configs
 from mom.model.generation import GenerationError
-from mom.utils import CONF_DIR, register_configs
+from mom.run_folder import load_model_and_tokenizer, resolve_model_dir, setup_stderr_logging
 
 log = logging.getLogger("mom.generate")
 register_configs()
@@ -47,10 +47,10 @@ class TextStream:
     """Turns one sequence's new token ids into text as they arrive (exact bytes for byte-level BPE)."""
 
     def __init__(self, tok):
-        from mom.data.tokenizer import _uses_byte_level
+        from mom.data.tokenizer import uses_byte_level
 
         self.tok = tok
-        self.byte_level = _uses_byte_level(tok)
+        self.byte_level = uses_byte_level(tok)
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.ids: list[int] = []
         self.emitted = ""  # non-byte-level fallback: the text written so far
@@ -203,24 +203,17 @@ def generate_text(cfg: Any, out: TextIO | None = sys.stdout, model=None, tok=Non
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
 def main(cfg: DictConfig) -> None:
     setup_stderr_logging(logging.WARNING)
-    from mom.data.corpus import DataError
-    from mom.model.config import ConfigError
-    from mom.prompts import PromptError, prompts_from_args
+    from mom.prompts import prompts_from_args
 
-    try:
+    with one_line_errors():  # Ctrl-C too: the partly written line is ended, exit code 130
         generate_text(cfg, out=sys.stdout, prompts=prompts_from_args(_TYPED_PROMPTS) or None)
-    except (GenerationError, PromptError, DataError, ConfigError, FileNotFoundError) as e:
-        fail(str(e))
-    except KeyboardInterrupt:
-        sys.stdout.write("\n")
-        fail("interrupted", code=130)
 
 
 # the command line's prompt=/prompt_file= arguments, taken out of sys.argv before Hydra parses it
 _TYPED_PROMPTS: list[tuple[str, str]] = []
 
 if __name__ == "__main__":
-    from mom.errors import run_cli
+    from mom.cli import run_cli
     from mom.prompts import take_prompt_args
 
     sys.argv[1:], _TYPED_PROMPTS[:] = take_prompt_args(sys.argv[1:])

@@ -11,7 +11,7 @@ Logged (Lightning's logger names):
   go through torchmetrics ``SumMetric`` so they are exact over processes and batches.
 
 ``training_step`` calls :meth:`compute_loss`, the one place a selective-LM objective (Rho-1) plugs in:
-with ``slm.name: rho`` it keeps the top ``slm.token_ratio`` of each batch's tokens by excess loss (current -
+with ``slm.name: rho`` a :class:`mom.slm.Rho1Selection` keeps the top ``slm.token_ratio`` of each batch's tokens by excess loss (current -
 reference, :mod:`mom.slm`) and also logs ``train/slm_selected_frac``, ``train/slm_excess_mean``,
 ``train/slm_excess_q10/q50/q90``, ``train/slm_excess_threshold``, ``train/slm_ref_loss`` and
 ``train/slm_full_lm_loss`` (the plain LM loss over all tokens), plus a wandb histogram of the excess losses.
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import SumMetric
 
+from mom.config import model_config
 from mom.optim import build_optimizer, build_scheduler
-from mom.utils import model_config
 
 log = logging.getLogger("mom")
 IGNORE_INDEX = -100
@@ -97,13 +97,10 @@ class MoMLitModule(L.LightningModule):
             m.set_dtype(torch.float64)
         self._t_last: float | None = None
         self._tokens_seen = 0
-        self.slm = dict(slm or {"name": "none"})
-        if self.slm.get("name", "none") not in ("none", "rho"):
-            raise ValueError(f"slm.name must be none or rho, got {self.slm.get('name')!r}")
-        if self.slm.get("name") == "rho" and self.slm.get("reference", "precomputed") not in ("precomputed", "online"):
-            raise ValueError(f"slm.reference must be precomputed or online, got {self.slm.get('reference')!r}")
-        self._ref_losses = None  # mom.slm.RefLosses (precomputed) - set up in setup()
-        object.__setattr__(self, "_ref_model", None)  # frozen reference (online): not a submodule, not saved
+        from mom.slm import Rho1Selection
+
+        # the selective-LM objective (Rho-1) or None (plain LM); holds its reference, never saved with the model
+        self.selection = Rho1Selection.from_config(slm)
 
     # ------------------------------------------------------------------ forward and loss
     def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
@@ -115,79 +112,23 @@ class MoMLitModule(L.LightningModule):
         Plain next-token LM (every non-ignored target counts), or with ``slm.name: rho`` the Rho-1 objective:
         the LM loss averaged over the kept tokens only (aux losses unchanged).
         """
-        if self.slm.get("name", "none") != "rho":
-            out = self(batch["input_ids"], labels=batch["labels"])
+        out = self(batch["input_ids"], labels=batch["labels"])
+        if self.selection is None:
             return {"loss": out.loss, "lm_loss": out.lm_loss, "aux_losses": dict(out.aux_losses or {}),
                     "stats": dict(out.stats or {}), "output": out}
-        from mom.slm import selective_loss
-
-        out = self(batch["input_ids"], labels=batch["labels"], reduction="none")
-        valid = batch["labels"][:, 1:] != IGNORE_INDEX
-        sel = selective_loss(out.token_loss, self.reference_losses(batch), valid,
-                             float(self.slm.get("token_ratio", 0.6)))
+        sel = self.selection(out.token_loss, batch)
         aux = dict(out.aux_losses or {})
         loss = sel.loss + sum(aux.values(), torch.zeros((), device=sel.loss.device))
-        self._log_excess_histogram(sel.excess[valid])
+        self._log_excess_histogram(sel.excess[batch["labels"][:, 1:] != IGNORE_INDEX])
         return {"loss": loss, "lm_loss": sel.loss, "aux_losses": aux,
                 "stats": {**dict(out.stats or {}), **sel.stats}, "output": out, "slm_mask": sel.mask}
 
-    # ------------------------------------------------------------------ selective LM (Rho-1) reference
     def setup(self, stage: str) -> None:
-        if self.slm.get("name", "none") != "rho" or stage != "fit":
-            return
-        if self._ref_losses is None and self._ref_model is None:
-            self.attach_reference(getattr(self.trainer, "datamodule", None))
-
-    def attach_reference(self, datamodule: Any) -> None:
-        """Find the reference for ``slm`` (its tokenizer must be the data's): the stored losses of the
-        datamodule's train windows (precomputed) or the frozen model (online). SlmError (one line) otherwise."""
-        from mom.slm import (
-            SlmError,
-            check_same_tokenizer,
-            load_ref_losses,
-            load_reference,
-            model_identity,
-            resolve_ref_model_dir,
-        )
-
-        model_dir = resolve_ref_model_dir(self.slm.get("ref_run"))
-        if datamodule is None or getattr(datamodule, "train_dataset", None) is None:
-            raise SlmError("slm=rho needs the MoMDataModule (its tokenizer and train windows)")
-        ref, ref_tok = load_reference(model_dir, "cpu")
-        check_same_tokenizer(ref_tok, datamodule.tokenizer, model_dir)
-        if self.slm.get("reference", "precomputed") == "online":
-            object.__setattr__(self, "_ref_model", ref)
-            log.info("slm=rho: online reference %s, token_ratio %s", model_dir, self.slm.get("token_ratio"))
-            return
-        ds = datamodule.train_dataset
-        store = load_ref_losses(datamodule.cache_dir, ds.key, model_identity(model_dir))
-        if store is None:
-            raise SlmError(f"no stored reference losses of {model_dir} for the train windows {ds.key}: run "
-                           f"python -m mom.score ref_run={self.slm.get('ref_run')} with this data config "
-                           f"(seq_len {ds.seq_len}), or set slm.reference=online")
-        self._ref_losses = store
-        log.info("slm=rho: reference losses %s.bin (mean %.4f), token_ratio %s", store.stem,
-                 store.meta.get("mean_loss") or float("nan"), self.slm.get("token_ratio"))
-
-    def reference_losses(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, T-1) reference NLL of the batch's targets."""
-        from mom.slm import SlmError
-
-        ids = batch["input_ids"]
-        if self._ref_model is not None:
-            ref = self._ref_model
-            if next(ref.parameters()).device != ids.device:
-                ref.to(ids.device)
-            with torch.no_grad():
-                return ref(ids, labels=batch["labels"], reduction="none").token_loss.float()
-        if self._ref_losses is None:
-            raise SlmError("slm=rho: no reference attached (attach_reference was not called)")
-        if "index" not in batch:
-            raise SlmError("slm.reference=precomputed needs the batch's window 'index' (MoMDataModule batches)")
-        return self._ref_losses.window_losses(batch["index"], ids.shape[1]).to(ids.device)
+        if self.selection is not None and stage == "fit" and not self.selection.attached:
+            self.selection.attach(getattr(self.trainer, "datamodule", None))
 
     def _log_excess_histogram(self, excess: torch.Tensor) -> None:
-        every = int(self.slm.get("histogram_every_n_steps") or 0)
+        every = self.selection.histogram_every_n_steps
         if every <= 0 or self._trainer is None or not self.training or self.global_step % every:
             return
         try:

@@ -190,8 +190,8 @@ def _main(argv: list[str] | None = None) -> None:
     after 3 steps (batch 2 x 32) on a model of conf/model (default jamba_mini, all high precision)."""
     import sys
 
+    from mom.config import compose, model_config
     from mom.model import MoMForCausalLM
-    from mom.utils import compose, model_config
 
     args = list(sys.argv[1:] if argv is None else argv)
     model_name = args.pop(0) if args and "=" not in args[0] else "jamba_mini"

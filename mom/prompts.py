@@ -23,11 +23,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from mom.errors import MoMError
+
 PROMPT_KEYS = ("prompt", "prompt_file")
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
 
 
-class PromptError(ValueError):
+class PromptError(MoMError, ValueError):
     """A prompt that cannot be read (missing file, empty stdin, bad JSON line): one line for the user."""
 
 

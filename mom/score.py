@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from mom.errors import fail
-from mom.utils import CONF_DIR, register_configs, to_plain
+from mom.cli import one_line_errors
+from mom.config import CONF_DIR, plain_keys, register_configs
+from mom.run_folder import setup_stderr_logging
 
 log = logging.getLogger("mom.score")
 register_configs()
@@ -36,21 +37,13 @@ def score(cfg: Any, out=None) -> dict[str, dict[str, Any]]:
     """Score the splits of ``cfg.data`` with ``cfg.ref_run``; returns {split: info} (info["store"]: RefLosses)."""
     from mom.data.corpus import DataError
     from mom.data.datamodule import build_datamodule
+    from mom.data.ref_losses import load_ref_losses, write_ref_losses
     from mom.data.tokenizer import tokenizer_hash
-    from mom.slm import (
-        SlmError,
-        check_same_tokenizer,
-        load_ref_losses,
-        load_reference,
-        model_identity,
-        resolve_ref_model_dir,
-        score_tokens,
-        write_ref_losses,
-    )
+    from mom.run_folder import model_identity, resolve_ref_model_dir
+    from mom.slm import SlmError, check_same_tokenizer, load_reference, score_tokens
 
-    c = {k: to_plain(cfg.get(k)) for k in ("ref_run", "data", "splits", "seq_len", "batch_size", "dtype", "device",
-                                           "overwrite") if k in cfg}
-    model_dir = resolve_ref_model_dir(c.get("ref_run"))
+    c = plain_keys(cfg, ("ref_run", "data", "splits", "seq_len", "batch_size", "dtype", "device", "overwrite"))
+    model_dir = resolve_ref_model_dir(c.get("ref_run"), error=SlmError)
     data_cfg = {k: v for k, v in dict(c.get("data") or {}).items() if k not in ("_target_", "tokenizer_dir")}
     if not data_cfg:
         raise SlmError("no data config: give data=<data config>")
@@ -117,20 +110,13 @@ def score(cfg: Any, out=None) -> dict[str, dict[str, Any]]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="score")
 def main(cfg: DictConfig) -> None:
-    from mom.data.corpus import DataError
-    from mom.eval import setup_stderr_logging
-    from mom.model.config import ConfigError
-    from mom.slm import SlmError
-
     setup_stderr_logging()
-    try:
+    with one_line_errors():
         score(cfg, out=sys.stdout)
-    except (SlmError, DataError, ConfigError, FileNotFoundError) as e:
-        fail(str(e))
 
 
 if __name__ == "__main__":
-    from mom.errors import run_cli
+    from mom.cli import run_cli
 
     run_cli(main, "score")  # a config that does not compose: one line too
 

@@ -10,31 +10,17 @@ model still finds hard. Per batch::
 The reference losses come from ``python -m mom.score`` (stored per token of the packed token cache, see
 below) or from a frozen reference model run on each batch (``slm.reference: online``).
 
-Stored reference losses (written by :func:`write_ref_losses`, read by :func:`load_ref_losses`)::
-
-    <data cache_dir>/ref_losses/<windows key>.<ref id>.bin        float16/32, n_tokens - 1 values
-    <data cache_dir>/ref_losses/<windows key>.<ref id>.docs.npy   float64 mean loss per document
-    <data cache_dir>/ref_losses/<windows key>.<ref id>.json       metadata, written last
-
-``windows key`` is :attr:`mom.data.cache.PackedSequences.key` (token cache key + seq_len: the context the
-losses were scored in) and ``ref id`` is :func:`model_identity` of the reference model folder (hash of its
-config and weights). Value ``j`` is the reference NLL of cache token ``j + 1`` given the tokens before it in
-its window (window ``w`` = tokens ``[w (T-1), w (T-1) + T)``, the windows training reads), so the targets of
-window ``w`` are values ``[w (T-1), w (T-1) + T - 1)``: a batch's ``index`` finds its reference losses by
-slicing. The tail after the last full window is scored in one shorter window, so every target has a value.
-Every file goes through a temporary file and ``os.replace``; the JSON comes last, so a store is complete or
-absent.
+The stored losses and their alignment with the token cache: :mod:`mom.data.ref_losses`. :class:`Rho1Selection`
+is the objective as an object: ``MoMLitModule`` builds one from the ``slm`` config group, attaches it to the
+data module (:meth:`Rho1Selection.attach`) and calls it on each batch's per-token losses.
 
 Nothing here imports Lightning.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +31,8 @@ import torch
 
 from mom.model.config import ConfigError
 
+log = logging.getLogger("mom")
 IGNORE_INDEX = -100
-STORE_VERSION = 1
 QUANTILES = (0.1, 0.5, 0.9)
 
 
@@ -114,43 +100,13 @@ def selective_loss(token_loss: torch.Tensor, ref_loss: torch.Tensor, valid: torc
 
 
 # ------------------------------------------------------------------------------------------- reference
-def resolve_ref_model_dir(ref_run: Any) -> Path:
-    """The reference model folder: ``<ref_run>/model`` for a training run folder, or ``ref_run`` itself when
-    it is a model folder (config.json + model.safetensors + tokenizer.json)."""
-    if not ref_run:
-        raise SlmError("no reference model: give slm.ref_run=<training run folder> (or ref_run=... for mom.score)")
-    path = Path(str(ref_run)).expanduser()
-    if not path.is_dir():
-        raise SlmError(f"reference run not found: {path}")
-    if not (path / "config.json").is_file() and (path / "model").is_dir():
-        path = path / "model"
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        if not (path / name).is_file():
-            raise SlmError(f"{path / name} is missing: the reference must be a finished run (its model/ folder)")
-    return path
-
-
-def model_identity(model_dir: str | os.PathLike) -> str:
-    """A short hash of a model folder's config.json and model.safetensors (what the stored losses key on)."""
-    h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        with open(Path(model_dir) / name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def load_reference(model_dir: Path, device: str | torch.device = "cpu"):
     """(model in eval mode, frozen; its tokenizer)."""
-    from mom.data.tokenizer import load_tokenizer
-    from mom.model import MoMForCausalLM
+    from mom.run_folder import load_model_and_tokenizer
 
-    try:
-        model = MoMForCausalLM.from_pretrained(model_dir, map_location=device)
-    except (FileNotFoundError, ValueError) as e:
-        raise SlmError(str(e).splitlines()[0]) from None
-    model.eval().requires_grad_(False)
-    return model, load_tokenizer(path=model_dir / "tokenizer.json")
+    model, tok = load_model_and_tokenizer(model_dir, error=SlmError, map_location=device, same_vocab=False)
+    model.requires_grad_(False)
+    return model, tok
 
 
 def check_same_tokenizer(ref_tok, data_tok, model_dir: Path) -> None:
@@ -166,116 +122,6 @@ def check_same_tokenizer(ref_tok, data_tok, model_dir: Path) -> None:
             f"(reference: {n_ref} tokens, sha256 {h_ref[:12]}; data: {n_data} tokens, sha256 {h_data[:12]}); "
             f"reference losses need the same tokenizer: set data.tokenizer.path={model_dir / 'tokenizer.json'}"
         )
-
-
-# ------------------------------------------------------------------------------------------- storage
-def store_stem(cache_dir: str | os.PathLike, windows_key: str, ref_id: str) -> Path:
-    return Path(cache_dir).expanduser() / "ref_losses" / f"{windows_key}.{ref_id}"
-
-
-@dataclass
-class RefLosses:
-    """Stored per-token reference losses of one (token cache, seq_len, reference model)."""
-
-    stem: Path
-    meta: dict[str, Any]
-
-    @property
-    def n_targets(self) -> int:
-        return int(self.meta["n_targets"])
-
-    @property
-    def seq_len(self) -> int:
-        return int(self.meta["seq_len"])
-
-    @property
-    def losses(self) -> np.ndarray:
-        """(n_tokens - 1,) memory-mapped read-only: value j = reference NLL of cache token j + 1."""
-        if getattr(self, "_losses", None) is None:
-            from mom.data.cache import open_array
-
-            self._losses = open_array(f"{self.stem}.bin", self.meta["dtype"], self.n_targets)
-        return self._losses
-
-    @property
-    def doc_losses(self) -> np.ndarray:
-        """(n_docs,) mean reference NLL of each document's target tokens (NaN for a document without any)."""
-        return np.load(f"{self.stem}.docs.npy")
-
-    def window_losses(self, index: torch.Tensor | np.ndarray, seq_len: int) -> torch.Tensor:
-        """(B, seq_len - 1) float32 reference losses of the windows ``index`` (a batch's ``index``)."""
-        idx = np.asarray(index.cpu() if torch.is_tensor(index) else index, dtype=np.int64).reshape(-1)
-        stride = seq_len - 1
-        pos = idx[:, None] * stride + np.arange(stride)[None, :]
-        if pos.size and int(pos.max()) >= self.n_targets:
-            raise SlmError(f"window {int(idx.max())} is past the {self.n_targets} stored reference losses "
-                           f"({self.stem}): not the token cache they were scored on")
-        return torch.from_numpy(np.asarray(self.losses[pos], dtype=np.float32))
-
-    def __getstate__(self):  # picklable (DataLoader workers, DDP spawn): reopen the memmap there
-        state = self.__dict__.copy()
-        state.pop("_losses", None)
-        return state
-
-
-def load_ref_losses(cache_dir: str | os.PathLike, windows_key: str, ref_id: str) -> RefLosses | None:
-    """The stored losses for the key if complete, else None."""
-    stem = store_stem(cache_dir, windows_key, ref_id)
-    meta_path = Path(f"{stem}.json")
-    if not meta_path.is_file():
-        return None
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    store = RefLosses(stem, meta)
-    size = store.n_targets * np.dtype(meta["dtype"]).itemsize
-    binp = Path(f"{stem}.bin")
-    if not binp.is_file() or binp.stat().st_size != size or not Path(f"{stem}.docs.npy").is_file():
-        return None
-    return store
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def document_losses(losses: np.ndarray, doc_offsets: np.ndarray) -> np.ndarray:
-    """Mean of ``losses`` (value j = target token j + 1) per document (doc d owns tokens from its offset up to
-    and including the EOS before the next document); NaN for a document with no target token."""
-    n_docs = len(doc_offsets)
-    if n_docs == 0:
-        return np.zeros(0)
-    doc_of = np.searchsorted(doc_offsets, np.arange(1, len(losses) + 1), side="right") - 1
-    vals = np.asarray(losses, dtype=np.float64)
-    sums = np.bincount(doc_of, weights=vals, minlength=n_docs)
-    counts = np.bincount(doc_of, minlength=n_docs)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-
-
-def write_ref_losses(cache_dir: str | os.PathLike, windows_key: str, ref_id: str, losses: np.ndarray,
-                     doc_offsets: np.ndarray, meta: dict[str, Any], dtype: str = "float16") -> RefLosses:
-    stem = store_stem(cache_dir, windows_key, ref_id)
-    dt = np.dtype(dtype)
-    if dt not in (np.dtype(np.float16), np.dtype(np.float32)):
-        raise SlmError(f"reference losses are stored as float16 or float32, not {dtype}")
-    arr = np.asarray(losses, dtype=dt)
-    _atomic_write(Path(f"{stem}.bin"), lambda f: f.write(arr.tobytes()))
-    docs = document_losses(np.asarray(losses, dtype=np.float64), doc_offsets)
-    _atomic_write(Path(f"{stem}.docs.npy"), lambda f: np.save(f, docs))
-    full = {"version": STORE_VERSION, "n_targets": int(arr.size), "dtype": dt.name, "windows_key": windows_key,
-            "ref_id": ref_id, "mean_loss": float(np.mean(losses)) if len(losses) else None, **meta}
-    _atomic_write(Path(f"{stem}.json"), lambda f: f.write(json.dumps(full, indent=1, default=str).encode()))
-    return RefLosses(stem, full)
 
 
 @torch.no_grad()
@@ -294,19 +140,100 @@ def score_tokens(model, tokens: np.ndarray, seq_len: int, batch_size: int = 16,
     for b0 in range(0, n_full, batch_size):
         ws = range(b0, min(b0 + batch_size, n_full))
         ids = torch.from_numpy(np.stack([tokens[w * stride : w * stride + seq_len] for w in ws]).astype(np.int64))
-        loss = model(ids.to(device), labels=ids.to(device), reduction="none").token_loss
+        loss = model(ids.to(device), labels=ids.to(device)).token_loss
         out[ws[0] * stride : (ws[-1] + 1) * stride] = loss.float().cpu().numpy().reshape(-1)
         if progress is not None:
             progress(ws[-1] + 1, n_full, time.perf_counter() - t0)
     start = n_full * stride
     if start < n - 1:  # the tail: tokens [start, n), one shorter window
         ids = torch.from_numpy(np.asarray(tokens[start:n], dtype=np.int64))[None]
-        out[start:] = model(ids.to(device), labels=ids.to(device), reduction="none").token_loss.float().cpu().numpy()[0]
+        out[start:] = model(ids.to(device), labels=ids.to(device)).token_loss.float().cpu().numpy()[0]
     return out
 
 
+# ------------------------------------------------------------------------------------------- the objective
+class Rho1Selection:
+    """The Rho-1 objective of a training run (the ``slm`` config group with ``name: rho``).
+
+    :meth:`attach` finds the reference (its tokenizer must be the data's): the stored losses of the data
+    module's train windows (``reference: precomputed``, from ``python -m mom.score``) or the frozen reference
+    model, run on each batch (``reference: online``). Calling the object on a batch's per-token losses gives
+    the :class:`SelectiveLoss`.
+    """
+
+    def __init__(self, token_ratio: float = 0.6, reference: str = "precomputed", ref_run: Any = None,
+                 histogram_every_n_steps: int = 50) -> None:
+        if reference not in ("precomputed", "online"):
+            raise SlmError(f"slm.reference must be precomputed or online, got {reference!r}")
+        self.token_ratio = float(token_ratio)
+        self.reference = reference
+        self.ref_run = ref_run
+        self.histogram_every_n_steps = int(histogram_every_n_steps or 0)
+        self.ref_losses = None  # mom.data.ref_losses.RefLosses (precomputed)
+        self.ref_model = None  # the frozen reference (online): not a submodule of the LightningModule, not saved
+
+    @classmethod
+    def from_config(cls, slm: dict[str, Any] | None) -> Rho1Selection | None:
+        """The objective of an ``slm`` config group (None for ``name: none``, plain LM)."""
+        slm = dict(slm or {})
+        name = slm.pop("name", "none")
+        if name not in ("none", "rho"):
+            raise SlmError(f"slm.name must be none or rho, got {name!r}")
+        if name == "none":
+            return None
+        known = ("token_ratio", "reference", "ref_run", "histogram_every_n_steps")
+        return cls(**{k: v for k, v in slm.items() if k in known})
+
+    @property
+    def attached(self) -> bool:
+        return self.ref_losses is not None or self.ref_model is not None
+
+    def attach(self, datamodule: Any) -> None:
+        """Find the reference for the data module's train windows; SlmError (one line) when there is none."""
+        from mom.data.ref_losses import load_ref_losses
+        from mom.run_folder import model_identity, resolve_ref_model_dir
+
+        model_dir = resolve_ref_model_dir(self.ref_run, error=SlmError)
+        if datamodule is None or getattr(datamodule, "train_dataset", None) is None:
+            raise SlmError("slm=rho needs the MoMDataModule (its tokenizer and train windows)")
+        ref, ref_tok = load_reference(model_dir, "cpu")
+        check_same_tokenizer(ref_tok, datamodule.tokenizer, model_dir)
+        if self.reference == "online":
+            self.ref_model = ref
+            log.info("slm=rho: online reference %s, token_ratio %s", model_dir, self.token_ratio)
+            return
+        ds = datamodule.train_dataset
+        store = load_ref_losses(datamodule.cache_dir, ds.key, model_identity(model_dir))
+        if store is None:
+            raise SlmError(f"no stored reference losses of {model_dir} for the train windows {ds.key}: run "
+                           f"python -m mom.score ref_run={self.ref_run} with this data config "
+                           f"(seq_len {ds.seq_len}), or set slm.reference=online")
+        self.ref_losses = store
+        log.info("slm=rho: reference losses %s.bin (mean %.4f), token_ratio %s", store.stem,
+                 store.meta.get("mean_loss") or float("nan"), self.token_ratio)
+
+    def reference_losses(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T-1) reference NLL of the batch's targets."""
+        ids = batch["input_ids"]
+        if self.ref_model is not None:
+            ref = self.ref_model
+            if next(ref.parameters()).device != ids.device:
+                ref.to(ids.device)
+            with torch.no_grad():
+                return ref(ids, labels=batch["labels"]).token_loss.float()
+        if self.ref_losses is None:
+            raise SlmError("slm=rho: no reference attached (attach was not called)")
+        if "index" not in batch:
+            raise SlmError("slm.reference=precomputed needs the batch's window 'index' (MoMDataModule batches)")
+        return self.ref_losses.window_losses(batch["index"], ids.shape[1]).to(ids.device)
+
+    def __call__(self, token_loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> SelectiveLoss:
+        """The selective loss of a batch from the current model's per-token losses (B, T-1)."""
+        valid = batch["labels"][:, 1:] != IGNORE_INDEX
+        return selective_loss(token_loss, self.reference_losses(batch), valid, self.token_ratio)
+
+
 __all__ = [
-    "IGNORE_INDEX", "RefLosses", "SelectiveLoss", "SlmError", "check_same_tokenizer", "document_losses",
-    "load_ref_losses", "load_reference", "model_identity", "resolve_ref_model_dir", "score_tokens",
-    "select_tokens", "selective_loss", "store_stem", "write_ref_losses",
+    "IGNORE_INDEX", "Rho1Selection", "SelectiveLoss", "SlmError", "check_same_tokenizer", "load_reference",
+    "score_tokens", "select_tokens", "selective_loss",
 ]

@@ -8,10 +8,10 @@ load). Resume with ``ckpt_path=<old run>/checkpoints/last.ckpt`` (the step count
 the same ``hydra.run.dir`` and ``ckpt_path=last`` (its ``checkpoints/last.ckpt`` when there is one, else a
 fresh start). A resumed run continues exactly: data order, RNG streams, optimizer and scheduler state come from
 the checkpoint (docs/reliability.md). Checkpoints are written atomically and loaded weights-only
-(:mod:`mom.checkpoint`); bad inputs end with one ``error: ...`` line on stderr and exit code 1 (:mod:`mom.errors`).
+(:mod:`mom.checkpoint`); bad inputs end with one ``error: ...`` line on stderr and exit code 1 (:mod:`mom.cli`).
 
 :func:`train` is the whole job as a plain function of a composed config, so tests run it in-process
-(``mom.utils.compose`` + ``paths.run_dir=<tmp>``); :func:`main` is the Hydra wrapper that also finishes a
+(``mom.config.compose`` + ``paths.run_dir=<tmp>``); :func:`main` is the Hydra wrapper that also finishes a
 wandb run whatever happens, so the jobs of a multirun never merge into one wandb run.
 """
 
@@ -28,7 +28,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from mom.utils import CONF_DIR, model_config, register_configs, to_plain, wandb_mode_offline
+from mom.config import CONF_DIR, model_config, register_configs, to_plain, wandb_mode_offline
 
 log = logging.getLogger("mom")
 register_configs()
@@ -173,7 +173,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_dir = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, ckpt_dir.get("dirpath") or run_dir / "checkpoints")
     expected = {k: tuple(v.shape) for k, v in lit.state_dict().items()}  # a resumed checkpoint must match
-    trainer = build_trainer(cfg, run_dir, plugins=[SafeCheckpointIO(expected_shapes=expected)])
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from mom.model.config import ConfigError
+
+    try:
+        trainer = build_trainer(cfg, run_dir, plugins=[SafeCheckpointIO(expected_shapes=expected)])
+    except MisconfigurationException as e:  # Lightning's refusal of a trainer setting: one line, not a traceback
+        raise ConfigError(f"trainer: {e}") from None
     if trainer.is_global_zero:
         (run_dir / "param_summary.json").write_text(json.dumps(parameter_summary(lit.model), indent=2, default=str))
 
@@ -205,14 +212,11 @@ def _uses_wandb(cfg: DictConfig) -> bool:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    from mom.errors import fail, user_errors
+    from mom.cli import one_line_errors
 
     try:
-        metrics = train(cfg)
-    except (*user_errors(), MisconfigurationException) as e:  # bad input: one line on stderr, exit 1, no traceback
-        fail(e)
+        with one_line_errors():  # bad input: one line on stderr, exit code 1, no traceback
+            metrics = train(cfg)
     finally:
         if _uses_wandb(cfg):
             import wandb
@@ -223,6 +227,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    from mom.errors import run_cli
+    from mom.cli import run_cli
 
     run_cli(main, "train")  # a config that does not compose: one line too

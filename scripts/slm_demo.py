@@ -62,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from mom.config import compose, to_plain
     from mom.score import score
     from mom.train import train
-    from mom.utils import compose, to_plain
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -82,7 +82,7 @@ def tiny_overrides(run_dir: Path | str, experiment: str | None = None) -> list[s
 @pytest.fixture(scope="session")
 def compose():
     """compose(overrides, config_name="train") -> DictConfig (schemas registered)."""
-    from mom.utils import compose as _compose
+    from mom.config import compose as _compose
 
     def _c(overrides=(), config_name: str = "train"):
         return _compose(config_name, list(overrides))

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from mom.cli import preflight
 from mom.data.corpus import DataError
-from mom.errors import CheckpointError, preflight
+from mom.errors import CheckpointError
 from mom.model.config import ConfigError
 from tests.conftest import PYTHON, REPO, tiny_overrides
 

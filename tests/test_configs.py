@@ -9,8 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from mom.config import CONF_DIR, model_config, to_plain
 from mom.model.config import PRECISION_COMPONENTS, PRECISION_PRESETS, ConfigError, MoMConfig
-from mom.utils import CONF_DIR, model_config, to_plain
 from tests.conftest import small_model_overrides, tiny_overrides
 
 GROUPS = ["model", "precision", "optimizer", "scheduler", "data", "trainer", "logger", "callbacks", "paths", "slm"]

@@ -18,13 +18,13 @@ from safetensors.torch import load_file
 
 from mom.checkpoint import (
     SafeCheckpointIO,
-    atomic_write,
     load_checkpoint_file,
     resolve_ckpt_path,
     save_checkpoint_file,
     to_safe,
 )
 from mom.errors import CheckpointError, NonFiniteLossError
+from mom.files import atomic_write
 from tests.conftest import PYTHON, REPO, tiny_overrides
 
 # a short fixed schedule (so a run stopped at N and one going to 2N share it), epochs of 3 batches (the resume

@@ -30,7 +30,7 @@ def _run_overrides(run_dir: Path, extra: list[str]) -> list[str]:
 
 
 def _data_cfg(compose, ref_dir: Path, extra: list[str] = ()) -> dict:
-    from mom.utils import to_plain
+    from mom.config import to_plain
 
     cfg = compose(_run_overrides(Path("/tmp/unused"), NOISY + [f"data.tokenizer.path={ref_dir / 'model' / 'tokenizer.json'}",
                                                           f"data.seq_len={SEQ}", *extra]))
@@ -106,8 +106,8 @@ def _token_cache(compose, ref_run, split="train"):
 
 # ---------------------------------------------------------------------------------------------- scoring
 def test_score_is_aligned_with_the_cache(compose, ref_run, scored):
+    from mom.data.ref_losses import document_losses
     from mom.model import MoMForCausalLM
-    from mom.slm import document_losses
 
     store = scored["train"]["store"]
     dm, cache = _token_cache(compose, ref_run)
@@ -150,10 +150,10 @@ def test_selection_prefers_clean_tokens(compose, ref_run, scored):
     The current model is a fresh initialisation (its loss is nearly flat), so the selection mostly follows the
     reference: the test fails if the reference does not find the corrupted lines harder than the clean ones.
     """
+    from mom.config import model_config
     from mom.data.noisy import noisy_documents
     from mom.model import MoMForCausalLM
     from mom.slm import select_tokens
-    from mom.utils import model_config
 
     dm, cache = _token_cache(compose, ref_run)
     tok = dm._get_tokenizer()
@@ -214,9 +214,9 @@ def test_rho_trains_and_logs_selected_frac(compose, train_fn, ref_run, scored, t
 
 def test_rho_online_matches_precomputed_reference(compose, ref_run, scored):
     """The batch's stored losses (looked up by its window index) equal the reference run on the batch."""
+    from mom.config import to_plain
     from mom.data.datamodule import build_datamodule
     from mom.lit import MoMLitModule
-    from mom.utils import to_plain
 
     cfg = compose(_rho_overrides(Path("/tmp/unused"), ref_run))
     dm = build_datamodule(cfg.data, tokenizer_dir=None)
@@ -228,10 +228,10 @@ def test_rho_online_matches_precomputed_reference(compose, ref_run, scored):
         lit = MoMLitModule(model=to_plain(cfg.model), precision=to_plain(cfg.precision),
                            optimizer=to_plain(cfg.optimizer), scheduler=to_plain(cfg.scheduler),
                            vocab_size=dm.vocab_size, slm=slm)
-        lit.attach_reference(dm)
+        lit.selection.attach(dm)
         lits[mode] = lit
     batch = next(iter(dm.train_dataloader()))
-    pre, online = (lits[m].reference_losses(batch) for m in ("precomputed", "online"))
+    pre, online = (lits[m].selection.reference_losses(batch) for m in ("precomputed", "online"))
     assert pre.shape == online.shape == (4, SEQ - 1)
     torch.testing.assert_close(pre, online, rtol=2e-3, atol=2e-3)
     res = lits["online"].compute_loss(batch)

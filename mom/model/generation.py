@@ -12,10 +12,11 @@ from collections.abc import Callable
 
 import torch
 
+from mom.errors import MoMError
 from mom.model.cache import MoMCache
 
 
-class GenerationError(ValueError):
+class GenerationError(MoMError, ValueError):
     """Bad generation input (empty prompt, prompt longer than the trained context, ...)."""
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mom.files import atomic_write
 from mom.model.attention import build_attention
 from mom.model.bitlinear import BitLinear, make_linear
 from mom.model.cache import MoMCache
@@ -212,7 +212,7 @@ class MoMForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """config.json + model.safetensors, each written to a temporary file then renamed."""
+        """config.json + model.safetensors, each written atomically (:func:`mom.files.atomic_write`)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -220,9 +220,9 @@ class MoMForCausalLM(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         if self.config.tie_word_embeddings:
             state.pop("lm_head.weight", None)
-        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-        _atomic_write(directory / CONFIG_NAME,
-                      lambda p: Path(p).write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True)))
+        atomic_write(directory / WEIGHTS_NAME, lambda f: save_file(state, f.name, metadata={"format": "pt"}))
+        atomic_write(directory / CONFIG_NAME, lambda f: f.write(json.dumps(self.config.to_dict(), indent=2,
+                                                                           sort_keys=True)), mode="w")
         return directory
 
     @classmethod
@@ -268,18 +268,6 @@ class MoMForCausalLM(nn.Module):
         for name, buf in self.named_buffers():
             if buf.is_meta:
                 raise ConfigError(f"buffer {name} was not loaded")
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def apply_precision(model: nn.Module, precision: dict[str, str]) -> nn.Module:

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m mom.model.summary [MODEL ...] [--precision PRESET]``: the table for conf/model/MODEL."""
     import argparse
 
-    from mom.utils import compose, model_config
+    from mom.config import compose, model_config
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("models", nargs="*", default=["tiny", "momv4", "momv5"])

@@ -1,4 +1,4 @@
-"""Shared helpers for the Hydra entry points: the structured-config schemas, config composition, logging.
+"""The configuration layer: the structured-config schemas of ``conf/``, composing a config, turning it into plain values.
 
 The YAML tree lives in ``conf/`` next to the ``mom/`` package. ``train.yaml`` starts its defaults list with
 ``train_schema`` (the :class:`TrainConfig` dataclass registered in Hydra's ConfigStore by
@@ -264,6 +264,12 @@ def to_plain(node: Any) -> Any:
     return node
 
 
+def plain_keys(cfg: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+    """Those keys of a config (DictConfig or dict) as plain values; the rest (e.g. ``paths``, which needs
+    Hydra's runtime to resolve) is left alone."""
+    return {k: to_plain(cfg.get(k)) for k in keys if k in cfg}
+
+
 def model_config(model_cfg: Any, precision_cfg: Any, **changes: Any) -> MoMConfig:
     """Build a :class:`MoMConfig` from the ``model`` and ``precision`` groups (ConfigError names the key)."""
     d = dict(to_plain(model_cfg))
@@ -283,5 +289,5 @@ def wandb_mode_offline() -> bool:
 __all__ = [
     "CONF_DIR", "REPO_ROOT", "ConfigError", "EvalConfig", "ExportConfig", "GenerateConfig", "ModelSchema", "OptimizerSchema", "PathsSchema", "PrecisionKind",
     "PrecisionSchema", "SchedulerSchema", "ScoreConfig", "SlmSchema", "TrainConfig", "TrainerSchema", "compose",
-    "model_config", "register_configs", "to_plain", "wandb_mode_offline",
+    "model_config", "plain_keys", "register_configs", "to_plain", "wandb_mode_offline",
 ]
