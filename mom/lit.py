@@ -153,6 +153,12 @@ class MoMLitModule(L.LightningModule):
             logger.log_hyperparams({f"params/{k}": v for k, v in flat.items()})
         self._t_last = None
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mom_tokens_seen"] = int(self._tokens_seen)  # train/tokens continues after a resume
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._tokens_seen = int(checkpoint.get("mom_tokens_seen", 0))
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         res = self.compute_loss(batch)
         from mom.callbacks import handle_nonfinite
@@ -172,10 +178,13 @@ class MoMLitModule(L.LightningModule):
             self.log(f"train/{name}", value, batch_size=bs)
         return res["loss"]
 
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # counted here, before the step's checkpoint (callbacks' on_train_batch_end) stores the count
+        self._tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
+
     def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         now = time.perf_counter()
         tokens = batch["input_ids"].numel() * self.trainer.world_size
-        self._tokens_seen += tokens
         if self._t_last is not None:
             self.log("train/tokens_per_s", tokens / max(now - self._t_last, 1e-9), prog_bar=True)
         self.log("train/tokens", float(self._tokens_seen))

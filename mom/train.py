@@ -73,8 +73,9 @@ def log_device_choice(given: dict[str, Any], accelerator: str, precision: Any) -
              precision, given.get("accelerator"), given.get("precision"), why)
 
 
-def _instantiate_all(group: Any, run_dir: Path, task_name: str) -> list[Any]:
-    """Instantiate each ``_target_`` entry of a logger/callbacks dict (null entries are dropped)."""
+def _instantiate_all(group: Any, run_dir: Path, task_name: str, resume: bool = False) -> list[Any]:
+    """Instantiate each ``_target_`` entry of a logger/callbacks dict (null entries are dropped); ``resume``:
+    a wandb logger continues the run folder's previous wandb run (same id)."""
     from hydra.utils import instantiate
 
     objs = []
@@ -89,12 +90,18 @@ def _instantiate_all(group: Any, run_dir: Path, task_name: str) -> list[Any]:
                 kwargs["offline"] = wandb_mode_offline()
             if node.get("name") is None:
                 kwargs["name"] = f"{task_name}-{run_dir.parent.name}-{run_dir.name}"
+            if resume and node.get("id") is None:
+                from mom.loggers import previous_wandb_id
+
+                if (previous := previous_wandb_id(node.get("save_dir") or run_dir)) is not None:
+                    kwargs.update(id=previous, resume="allow")
         objs.append(instantiate(node, **kwargs))
     return objs
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, **extra: Any):
-    """A ``lightning.Trainer`` from ``cfg.trainer`` plus the logger and callbacks groups."""
+def build_trainer(cfg: DictConfig, run_dir: Path, resume: bool = False, **extra: Any):
+    """A ``lightning.Trainer`` from ``cfg.trainer`` plus the logger and callbacks groups (``resume``: the run
+    continues from a checkpoint, so its wandb run continues too)."""
     import lightning as L
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ProgressBar
@@ -108,14 +115,16 @@ def build_trainer(cfg: DictConfig, run_dir: Path, **extra: Any):
     log_device_choice(given, accelerator, targs["precision"])
     if isinstance(targs["strategy"], dict):
         targs["strategy"] = instantiate(cfg.trainer.strategy)
-    loggers = _instantiate_all(cfg.logger, run_dir, cfg.task_name)
+    loggers = _instantiate_all(cfg.logger, run_dir, cfg.task_name, resume=resume)
     callbacks = _instantiate_all(cfg.callbacks, run_dir, cfg.task_name)
     if targs.get("enable_progress_bar") is False:
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     from mom.callbacks import RNGState
     from mom.checkpoint import SafeCheckpointIO
+    from mom.loggers import MetricsHistory
 
     callbacks.append(RNGState())  # RNG states in checkpoints (exact resume)
+    callbacks.append(MetricsHistory())  # metrics.csv kept whole over resumes, flushed with checkpoints
     if not any(isinstance(p, SafeCheckpointIO) for p in extra.get("plugins") or []):
         extra["plugins"] = [*(extra.get("plugins") or []), SafeCheckpointIO()]  # atomic, weights-only
     targs.update(extra)
@@ -178,7 +187,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from mom.model.config import ConfigError
 
     try:
-        trainer = build_trainer(cfg, run_dir, plugins=[SafeCheckpointIO(expected_shapes=expected)])
+        trainer = build_trainer(cfg, run_dir, resume=ckpt_path is not None, plugins=[SafeCheckpointIO(expected_shapes=expected)])
     except MisconfigurationException as e:  # Lightning's refusal of a trainer setting: one line, not a traceback
         raise ConfigError(f"trainer: {e}") from None
     if trainer.is_global_zero:

@@ -218,7 +218,7 @@ def test_callbacks_instantiate(compose, option, tmp_path):
     cbs = _instantiate_all(cfg.callbacks, tmp_path, "test")
     names = {type(c).__name__ for c in cbs}
     if option == "default":
-        assert {"ModelCheckpoint", "LearningRateMonitor", "RichProgressBar"} <= names
+        assert {"ModelCheckpoint", "LearningRateMonitor", "StepProgressBar"} <= names
         ckpt = next(c for c in cbs if type(c).__name__ == "ModelCheckpoint")
         assert Path(ckpt.dirpath) == tmp_path / "checkpoints" and ckpt.save_last
 
