@@ -9,6 +9,7 @@
   every ``train_time_interval`` (whichever comes first; Lightning's own class accepts only one of them), and
   the last step when training ends by ``max_steps`` or ``max_time``.
 - :class:`StepProgressBar` (``callbacks.rich_progress_bar``): the rich progress bar counting the run's steps.
+- :class:`ModelSummary` (``callbacks.model_summary``): Lightning's module table without its FLOPs (always 0).
 - :class:`NonFiniteGuard` (``callbacks.nonfinite``): what a non-finite loss does: ``action: stop`` (raise
   :class:`mom.errors.NonFiniteLossError` naming the step and the term; no checkpoint is written, the last
   good one stays) or ``skip`` (the batch makes no update; stop after ``max_consecutive_skips`` in a row).
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
+from lightning.pytorch.callbacks import ModelSummary as _LightningModelSummary
 
 from mom.errors import NonFiniteLossError
 
@@ -135,6 +137,23 @@ class ModelCheckpoint(_LightningModelCheckpoint):
                 self._save_topk_checkpoint(trainer, candidates)
             self._save_last_checkpoint(trainer, candidates)
         super().on_train_end(trainer, pl_module)
+
+
+class ModelSummary(_LightningModelSummary):
+    """Lightning's module table without its FLOPs column and "Total FLOPs" line: Lightning counts FLOPs only
+    for a module with an ``example_input_array`` and prints 0 otherwise. (The parameter line MoM logs at fit
+    start, from :func:`mom.model.summary.summary`, has the counts that matter: active, ternary, bytes.)"""
+
+    @staticmethod
+    def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
+                  model_size: float, total_training_modes: dict[str, int], total_flops: int,
+                  **summarize_kwargs: Any) -> None:
+        from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
+
+        columns = [c for c in summary_data if c[0] != "FLOPs"]
+        table = _format_summary_table(total_parameters, trainable_parameters, model_size, total_training_modes,
+                                      0, *columns)
+        log.info("\n%s", "\n".join(ln for ln in table.splitlines() if "Total Flops" not in ln))
 
 
 class StepProgressBar(RichProgressBar):

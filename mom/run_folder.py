@@ -37,6 +37,46 @@ def setup_stderr_logging(level: int = logging.INFO) -> None:
     root.setLevel(level)
 
 
+# Lightning lines that say nothing about the run, dropped from mom.train's log (why, for each):
+_DROPPED_LINES = (
+    "Tip: For seamless cloud logging",  # an advert for Lightning's hosted logger (litlogger), at every fit
+    "Skipping setting a default `ModelSummary`",  # says it uses ours (callbacks.model_summary), as configured
+)
+# Warnings known to be harmless (why, for each):
+_HARMLESS_WARNINGS = (
+    # Lightning 2.6's pytree helper calls an isinstance check torch 2.13 deprecated: Lightning's to change, and
+    # it has no effect on what is computed
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # a resumed run (ckpt_path=last) saves into its own checkpoints/ again: that folder holding last.ckpt is
+    # expected, and checkpoints are written atomically (mom.checkpoint)
+    r"Checkpoint directory .* exists and is not empty",
+)
+
+
+class _DropLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in str(record.msg) for text in _DROPPED_LINES)
+
+
+def setup_train_logging() -> None:
+    """mom.train's log: one line per event. When the root logger has handlers (Hydra's: the console and the
+    run's ``train.log``), Lightning's own console handler is removed, since its records reach the root too
+    and were printed twice; the advert and the known-harmless warnings above are filtered."""
+    import warnings
+
+    lightning = logging.getLogger("lightning")
+    if logging.getLogger().handlers:
+        for h in list(lightning.handlers):
+            if type(h) is logging.StreamHandler:
+                lightning.removeHandler(h)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _DropLines) for f in lg.filters):
+            lg.addFilter(_DropLines())
+    for pattern in _HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 # ----------------------------------------------------------------------------------------------- finding
 def resolve_model_dir(run_dir: Any, model_dir: Any, error: type[Exception] = RunFolderError) -> Path:
     """``model_dir`` when given, else ``<run_dir>/model``; checked to exist."""
@@ -131,4 +171,4 @@ def run_data_config(run_dir: Path, error: type[Exception] = RunFolderError) -> d
 
 
 __all__ = ["RunFolderError", "check_vocab", "load_model_and_tokenizer", "model_identity", "resolve_model_dir",
-           "resolve_ref_model_dir", "run_data_config", "setup_stderr_logging"]
+           "resolve_ref_model_dir", "run_data_config", "setup_stderr_logging", "setup_train_logging"]

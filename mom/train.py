@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +103,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume: bool = False, **extra:
     continues from a checkpoint, so its wandb run continues too)."""
     import lightning as L
     from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import ProgressBar
+    from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 
     targs = to_plain(cfg.trainer)
     given = dict(targs)
@@ -119,6 +118,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume: bool = False, **extra:
     callbacks = _instantiate_all(cfg.callbacks, run_dir, cfg.task_name)
     if targs.get("enable_progress_bar") is False:
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if targs.get("enable_model_summary") is False:
+        callbacks = [c for c in callbacks if not isinstance(c, ModelSummary)]
     from mom.callbacks import RNGState
     from mom.checkpoint import SafeCheckpointIO
     from mom.loggers import MetricsHistory
@@ -152,14 +153,14 @@ def _save_model(trainer: Any, lit: Any, dm: Any, model_dir: Path) -> None:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job described by a composed ``train`` config; returns the final metrics."""
-    import lightning as L
+    import lightning as L  # before setup_train_logging: Lightning sets its logging up when imported
 
     from mom.data.datamodule import build_datamodule
     from mom.lit import MoMLitModule, parameter_summary
     from mom.optim import check_optimizer
+    from mom.run_folder import setup_train_logging
 
-    # the run dir always holds .hydra/ etc.; the CSV logger only replaces its own metrics.csv there
-    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+    setup_train_logging()  # one line per event; the advert and known-harmless warnings filtered
     run_dir = Path(cfg.paths.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = resolve_accelerator(cfg.trainer.accelerator)

@@ -196,3 +196,25 @@ def test_compile_option_wraps_without_duplicating_the_state_dict(compose):
                        optimizer=to_plain(cfg.optimizer), scheduler=to_plain(cfg.scheduler), compile=cfg.compile)
     assert lit._compiled is not None and lit._compiled is not lit.model  # torch.compile is lazy: nothing compiled yet
     assert not any("_orig_mod" in k for k in lit.state_dict())
+
+
+@pytest.mark.slow
+def test_train_cli_log_has_one_line_per_event(python_env, tmp_path):
+    """`python -m mom.train` as a user runs it (progress bar and model summary on): Lightning's lines once (not
+    also through its own handler), no litlogger advert, no FLOPs of 0, no known-harmless warning, the device
+    choice and a too-long warmup said once, a bar counting the run's steps."""
+    run = tmp_path / "run"
+    cmd = [PYTHON, "-m", "mom.train", "model=jamba_tiny", *small_model_overrides(),
+           *[o for o in TINY_RUN if not o.startswith(("trainer.accelerator", "trainer.precision",
+                                                       "trainer.enable_"))],
+           "trainer.max_steps=3", "scheduler.warmup_steps=5", f"hydra.run.dir={run}"]
+    res = _run(cmd, python_env, timeout=300, cwd=tmp_path)
+    out = res.stdout + res.stderr
+    assert out.count("Seed set to 1337") == 1, out
+    assert out.count("`Trainer.fit` stopped: `max_steps=3` reached.") == 1, out
+    assert "litlogger" not in out and "FLOPs" not in out and "Flops" not in out and "LeafSpec" not in out, out
+    assert "exists and is not empty" not in out, out
+    assert out.count("device: cpu, precision: 32-true (trainer.accelerator=auto") == 1, out
+    assert out.count("scheduler.warmup_steps=5 is not shorter than the run's 3 steps") == 1, out
+    assert "Epoch 0/-2" not in out and "3/3" in out, out
+    assert "Trainable params" in out  # the module table is still there
