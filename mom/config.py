@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from mom.model.config import PRECISION_COMPONENTS, ConfigError, MoMConfig
+from mom.model.config import PRECISION_COMPONENTS, PRECISION_PRESETS, ConfigError, MoMConfig
 
 log = logging.getLogger("mom")
 
@@ -89,31 +89,32 @@ class OptimizerSchema:
 @dataclass
 class SchedulerSchema:
     name: str = "cosine"  # cosine | linear | constant
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # linear warmup from 0
     min_lr_ratio: float = 0.1  # the final lr as a fraction of optimizer.lr
     total_steps: Optional[int] = None  # None: trainer.max_steps (or Lightning's estimate when that is -1)
 
 
 @dataclass
 class TrainerSchema:
-    """The subset of ``lightning.Trainer`` arguments MoM exposes (each passed through unchanged).
+    """The subset of ``lightning.Trainer`` arguments MoM exposes (each passed through unchanged), with MoM's
+    defaults (``conf/trainer/default.yaml`` is these; the other trainer options change a few).
 
     ``precision: auto`` picks ``bf16-mixed`` on CUDA and ``32-true`` elsewhere. ``strategy`` is a Lightning
     strategy name or a dict with ``_target_`` (instantiated).
     """
 
-    accelerator: str = "auto"
-    devices: Any = "auto"
+    accelerator: str = "auto"  # auto: a GPU when there is one
+    devices: Any = 1
     num_nodes: int = 1
     strategy: Any = "auto"
     precision: Any = "auto"
-    max_steps: int = -1
+    max_steps: int = 1000
     max_epochs: Optional[int] = None
     max_time: Optional[str] = None  # "DD:HH:MM:SS"
-    val_check_interval: Any = None
-    check_val_every_n_epoch: Optional[int] = 1
+    val_check_interval: Any = 200
+    check_val_every_n_epoch: Optional[int] = None  # None: val_check_interval counts steps across epochs
     limit_train_batches: Any = None
-    limit_val_batches: Any = None
+    limit_val_batches: Any = 50
     num_sanity_val_steps: Optional[int] = None
     log_every_n_steps: int = 10
     gradient_clip_val: Optional[float] = 1.0
@@ -132,8 +133,6 @@ class PathsSchema:
     root_dir: str = MISSING
     output_dir: str = MISSING  # where single runs go (outputs/<date>/<time>)
     sweep_dir: str = MISSING  # where multiruns go (multirun/<date>/<time>/<job>)
-    data_dir: str = MISSING
-    cache_dir: str = MISSING
     run_dir: str = MISSING  # this run's folder: Hydra's output dir
 
 
@@ -144,7 +143,7 @@ class SlmSchema:
     name: str = "none"  # none | rho
     token_ratio: float = 0.6  # share of each batch's tokens kept, by excess loss (current - reference)
     reference: str = "precomputed"  # precomputed (python -m mom.score) | online (a frozen reference per batch)
-    ref_run: Optional[str] = None  # the reference: a training run folder (its model/) or a model folder
+    ref_run: Optional[str] = None  # rho needs it: the reference training run folder (its model/) or model folder
     histogram_every_n_steps: int = 50  # wandb histogram of the excess losses (0: never; wandb loggers only)
 
 
@@ -154,7 +153,7 @@ class ScoreConfig:
 
     data: dict[str, Any] = field(default_factory=dict)
     paths: PathsSchema = field(default_factory=PathsSchema)
-    ref_run: Optional[str] = None  # a training run folder (its model/) or a model folder
+    ref_run: Optional[str] = None  # the reference: a training run folder (its model/) or a model folder
     splits: list[str] = field(default_factory=lambda: ["train", "validation"])
     seq_len: Optional[int] = None  # scoring context; None: data.seq_len (the windows training reads)
     batch_size: int = 16
@@ -188,8 +187,8 @@ class EvalConfig:
     data: dict[str, Any] = field(default_factory=dict)
     paths: PathsSchema = field(default_factory=PathsSchema)
     run_dir: Optional[str] = None  # a training run folder; its model/ is evaluated
-    model_dir: Optional[str] = None  # a model folder directly; default <run_dir>/model
-    max_seq_length: Optional[int] = None
+    model_dir: Optional[str] = None  # a model folder directly (config.json, model.safetensors, tokenizer.json)
+    max_seq_length: Optional[int] = None  # evaluation context; None: the model's max_position_embeddings
     batch_size: int = 8
     seed: int = 1337
 
@@ -197,9 +196,9 @@ class EvalConfig:
 @dataclass
 class GenerateConfig:
     paths: PathsSchema = field(default_factory=PathsSchema)
-    run_dir: Optional[str] = None
-    model_dir: Optional[str] = None
-    prompt: Any = ""  # a string, or a list of strings (decoded as a left-padded batch)
+    run_dir: Optional[str] = None  # a training run folder; its model/ is loaded
+    model_dir: Optional[str] = None  # or a model folder directly (e.g. <run_dir>/model-packed)
+    prompt: Any = ""  # as typed on the command line (mom/prompts.py); prompt=- stdin, prompt_file=PATH a file
     prompts: Optional[list[str]] = None  # several prompts (used instead of `prompt` when given)
     max_new_tokens: int = 128
     do_sample: bool = False
@@ -208,16 +207,16 @@ class GenerateConfig:
     top_p: Optional[float] = None
     repetition_penalty: float = 1.0
     use_cache: bool = True
-    seed: int = 1337
-    batch_size: int = 1
-    stop_at_eos: bool = True
+    seed: int = 1337  # seeds the sampler (do_sample=true): the same seed gives the same text
+    batch_size: int = 8  # prompts decoded together
+    stop_at_eos: bool = True  # stop a sequence at the tokenizer's end-of-text token
 
 
 @dataclass
 class ExportConfig:
-    run_dir: Optional[str] = None
+    run_dir: Optional[str] = None  # a training run folder
     model_dir: Optional[str] = None  # default <run_dir>/model
-    format: str = "packed"
+    format: str = "packed"  # packed: every ternary layer at 2 bits per weight + its scale
     output_dir: Optional[str] = None  # default <run_dir>/model-<format> (or next to model_dir)
 
 
@@ -237,6 +236,8 @@ def register_configs() -> None:
     cs.store(name="generate_schema", node=GenerateConfig)
     cs.store(name="export_schema", node=ExportConfig)
     cs.store(name="score_schema", node=ScoreConfig)
+    for name, preset in PRECISION_PRESETS.items():  # the precision group's options, from their one definition
+        cs.store(group="precision", name=name, node=dict(preset))
     if not OmegaConf.has_resolver("mom_root"):
         OmegaConf.register_new_resolver("mom_root", lambda: str(REPO_ROOT))
     _registered = True
@@ -264,10 +265,24 @@ def to_plain(node: Any) -> Any:
     return node
 
 
-def plain_keys(cfg: Any, keys: tuple[str, ...]) -> dict[str, Any]:
-    """Those keys of a config (DictConfig or dict) as plain values; the rest (e.g. ``paths``, which needs
-    Hydra's runtime to resolve) is left alone."""
-    return {k: to_plain(cfg.get(k)) for k in keys if k in cfg}
+def schema_defaults(schema: type) -> dict[str, Any]:
+    """The default of every field of a schema dataclass (the one place a default is written down)."""
+    out = {}
+    for f in dataclasses.fields(schema):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+    return out
+
+
+def plain_options(cfg: Any, schema: type, skip: tuple[str, ...] = ("paths",)) -> dict[str, Any]:
+    """A tool's options as plain values: every field of ``schema`` (e.g. :class:`EvalConfig`) from ``cfg`` (a
+    composed DictConfig or a plain dict, as tests and notebooks pass), the schema's default where ``cfg`` has
+    none. ``skip`` fields (``paths`` needs Hydra's runtime to resolve) are left out."""
+    out = {k: v for k, v in schema_defaults(schema).items() if k not in skip}
+    out.update({k: to_plain(cfg.get(k)) for k in out if k in cfg})
+    return out
 
 
 def model_config(model_cfg: Any, precision_cfg: Any, **changes: Any) -> MoMConfig:
@@ -289,5 +304,5 @@ def wandb_mode_offline() -> bool:
 __all__ = [
     "CONF_DIR", "REPO_ROOT", "ConfigError", "EvalConfig", "ExportConfig", "GenerateConfig", "ModelSchema", "OptimizerSchema", "PathsSchema", "PrecisionKind",
     "PrecisionSchema", "SchedulerSchema", "ScoreConfig", "SlmSchema", "TrainConfig", "TrainerSchema", "compose",
-    "model_config", "plain_keys", "register_configs", "to_plain", "wandb_mode_offline",
+    "model_config", "plain_options", "register_configs", "schema_defaults", "to_plain", "wandb_mode_offline",
 ]

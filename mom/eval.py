@@ -9,7 +9,7 @@ data config (``<run_dir>/.hydra/config.yaml``) unless ``data=<group>`` is given 
 The validation split is cut into the windows training validates on (``seq_len = max_seq_length``, default the
 model's ``max_position_embeddings``; consecutive windows share one token so every token after the first is
 scored once). The model runs in eval mode, so Mixture of Depths makes its causal per-token decision. Sums are
-accumulated with torchmetrics ``SumMetric``::
+accumulated by :class:`mom.metrics.LanguageModelMetrics`, the accumulator training validates with::
 
     loss = sum(nll) / tokens        perplexity = exp(loss)        bpb = sum(nll) / (ln 2 * bytes)
 
@@ -33,8 +33,9 @@ import torch
 from omegaconf import DictConfig
 
 from mom.cli import one_line_errors
-from mom.config import CONF_DIR, plain_keys, register_configs
+from mom.config import CONF_DIR, EvalConfig, plain_options, register_configs
 from mom.errors import MoMError
+from mom.metrics import LanguageModelMetrics
 from mom.run_folder import (
     check_vocab,
     load_model_and_tokenizer,
@@ -67,12 +68,10 @@ def evaluate(cfg: Any, out=None) -> dict[str, Any]:
 
     Returns the metrics dict; when ``out`` (a text stream) is given, writes the table and the JSON line there.
     """
-    from torchmetrics.aggregation import SumMetric
-
     from mom.data.corpus import DataError
     from mom.data.datamodule import build_datamodule
 
-    cfg = plain_keys(cfg, ("run_dir", "model_dir", "data", "max_seq_length", "batch_size", "seed"))
+    cfg = plain_options(cfg, EvalConfig)
     model_dir = resolve_model_dir(cfg.get("run_dir"), cfg.get("model_dir"), error=EvalError)
     model, tok = load_model_and_tokenizer(model_dir, error=EvalError)
     config = model.config
@@ -89,8 +88,8 @@ def evaluate(cfg: Any, out=None) -> dict[str, Any]:
     seq_len = int(cfg.get("max_seq_length") or config.max_position_embeddings)
     if seq_len > config.max_position_embeddings:
         log.warning("max_seq_length %d > the model's trained context %d", seq_len, config.max_position_embeddings)
-    batch_size = int(cfg.get("batch_size") or 8)
-    torch.manual_seed(int(cfg.get("seed") or 0))
+    batch_size = int(cfg["batch_size"])
+    torch.manual_seed(int(cfg["seed"]))
     try:
         dm = build_datamodule(data_cfg, tokenizer_dir=None, seq_len=seq_len, batch_size=batch_size,
                               val_batch_size=batch_size, num_workers=0)
@@ -101,29 +100,21 @@ def evaluate(cfg: Any, out=None) -> dict[str, Any]:
     check_vocab(dm.tokenizer, config.vocab_size, model_dir / "tokenizer.json", error=EvalError)
     token_bytes = dm.token_bytes
 
-    nll_sum, n_tokens, n_bytes = SumMetric(), SumMetric(), SumMetric()
-    for m in (nll_sum, n_tokens, n_bytes):
-        m.set_dtype(torch.float64)
+    acc = LanguageModelMetrics()
     t0 = time.perf_counter()
-    n_batches = 0
     for batch in dm.val_dataloader():
-        ids, labels = batch["input_ids"], batch["labels"]
-        out_ = model(ids, labels=labels, reduction="none")
-        targets = labels[:, 1:]
-        valid = targets != -100
-        nll_sum.update(out_.token_loss.double()[valid].sum())
-        n_tokens.update(valid.sum().double())
-        n_bytes.update(token_bytes[targets.clamp_min(0)][valid].sum().double())
-        n_batches += 1
+        out_ = model(batch["input_ids"], labels=batch["labels"])
+        acc.update(out_.token_loss, batch["labels"], token_bytes)
     elapsed = time.perf_counter() - t0
-    nll, tokens, nbytes = float(nll_sum.compute()), int(n_tokens.compute()), int(n_bytes.compute())
+    m = acc.compute()
+    nll, tokens, nbytes = float(m["nll"]), int(m["tokens"]), int(m["bytes"])
     if tokens == 0:
         raise EvalError("the validation split produced no tokens to score")
-    loss = nll / tokens
+    loss = float(m["loss"])
     metrics = {
         "loss": loss,
         "perplexity": math.exp(min(loss, 700.0)),
-        "bpb": nll / (math.log(2) * nbytes) if nbytes else float("nan"),
+        "bpb": float(m["bpb"]),
         "tokens": tokens,
         "bytes": nbytes,
         "nll_sum": nll,

@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig
 
 from mom.cli import one_line_errors
-from mom.config import CONF_DIR, plain_keys, register_configs
+from mom.config import CONF_DIR, ExportConfig, plain_options, register_configs
 from mom.errors import MoMError
 from mom.files import replace_dir
 from mom.run_folder import resolve_model_dir, setup_stderr_logging
@@ -105,8 +105,8 @@ def export(cfg: Any, out=None) -> dict[str, Any]:
     from mom.model.bitlinear import BitLinear
     from mom.model.packed import pack_model
 
-    cfg = plain_keys(cfg, ("run_dir", "model_dir", "format", "output_dir"))
-    fmt = str(cfg.get("format") or "packed")
+    cfg = plain_options(cfg, ExportConfig)
+    fmt = str(cfg["format"])
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r} (known: {', '.join(FORMATS)})")
     model_dir = resolve_model_dir(cfg.get("run_dir"), cfg.get("model_dir"), error=ExportError)

@@ -32,16 +32,12 @@ import torch
 from omegaconf import DictConfig
 
 from mom.cli import one_line_errors
-from mom.config import CONF_DIR, plain_keys, register_configs
+from mom.config import CONF_DIR, GenerateConfig, plain_options, register_configs
 from mom.model.generation import GenerationError
 from mom.run_folder import load_model_and_tokenizer, resolve_model_dir, setup_stderr_logging
 
 log = logging.getLogger("mom.generate")
 register_configs()
-
-_KEYS = ("run_dir", "model_dir", "prompt", "prompts", "max_new_tokens", "do_sample", "temperature", "top_k",
-         "top_p", "repetition_penalty", "use_cache", "seed", "batch_size", "stop_at_eos")
-
 
 class TextStream:
     """Turns one sequence's new token ids into text as they arrive (exact bytes for byte-level BPE)."""
@@ -147,21 +143,21 @@ def generate_text(cfg: Any, out: TextIO | None = sys.stdout, model=None, tok=Non
     """
     from mom.data.tokenizer import special_token_ids
 
-    cfg = plain_keys(cfg, _KEYS)
+    cfg = plain_options(cfg, GenerateConfig)
     if model is None or tok is None:
         model_dir = resolve_model_dir(cfg.get("run_dir"), cfg.get("model_dir"), error=GenerationError)
         model, tok = load_model_and_tokenizer(model_dir, error=GenerationError)
     config = model.config
     prompts = list(prompts) if prompts else prompt_list(cfg)
     encoded = encode_prompts(tok, prompts, config.max_position_embeddings)
-    max_new = int(cfg.get("max_new_tokens", 128))
+    max_new = int(cfg["max_new_tokens"])
     if max_new < 0:
         raise GenerationError(f"max_new_tokens must be >= 0, got {max_new}")
     special = special_token_ids(tok)
     pad_id = special["pad"] if special["pad"] is not None else (config.pad_token_id or 0)
-    eos_id = special["eos"] if cfg.get("stop_at_eos", True) else None
-    generator = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
-    bs = max(1, int(cfg.get("batch_size") or 1))
+    eos_id = special["eos"] if cfg["stop_at_eos"] else None
+    generator = torch.Generator().manual_seed(int(cfg["seed"]))
+    bs = max(1, int(cfg["batch_size"]))
     texts: list[str] = []
     for start in range(0, len(encoded), bs):
         chunk, chunk_prompts = encoded[start:start + bs], prompts[start:start + bs]
@@ -177,10 +173,10 @@ def generate_text(cfg: Any, out: TextIO | None = sys.stdout, model=None, tok=Non
         streamer = _streamer(streams, done, pieces, out if live else None, eos_id)
         if max_new > 0:
             model.generate(ids, max_new_tokens=max_new, attention_mask=mask if len(chunk) > 1 else None,
-                           do_sample=bool(cfg.get("do_sample", False)), temperature=float(cfg.get("temperature", 1.0)),
-                           top_k=cfg.get("top_k"), top_p=cfg.get("top_p"),
-                           repetition_penalty=float(cfg.get("repetition_penalty", 1.0)), eos_token_id=eos_id,
-                           pad_token_id=pad_id, use_cache=bool(cfg.get("use_cache", True)), generator=generator,
+                           do_sample=bool(cfg["do_sample"]), temperature=float(cfg["temperature"]),
+                           top_k=cfg["top_k"], top_p=cfg["top_p"],
+                           repetition_penalty=float(cfg["repetition_penalty"]), eos_token_id=eos_id,
+                           pad_token_id=pad_id, use_cache=bool(cfg["use_cache"]), generator=generator,
                            streamer=streamer)
         for i, s in enumerate(streams):
             tail = s.finish()

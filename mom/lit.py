@@ -8,7 +8,8 @@ Logged (Lightning's logger names):
   ``train/grad_norm`` (before clipping), ``train/tokens_per_s`` and ``train/tokens`` (all processes).
 - ``val/loss`` (mean next-token NLL over target tokens), ``val/ppl`` = exp(val/loss) and ``val/bpb`` = bits
   per UTF-8 byte = sum NLL / (ln 2 * sum token_bytes[target]) where targets are ``labels[:, 1:]``; the sums
-  go through torchmetrics ``SumMetric`` so they are exact over processes and batches.
+  go through :class:`mom.metrics.LanguageModelMetrics` (the accumulator of ``mom.eval`` too), exact over
+  processes and batches.
 
 ``training_step`` calls :meth:`compute_loss`, the one place a selective-LM objective (Rho-1) plugs in:
 with ``slm.name: rho`` a :class:`mom.slm.Rho1Selection` keeps the top ``slm.token_ratio`` of each batch's tokens by excess loss (current -
@@ -21,20 +22,17 @@ Validation is always the plain full LM loss.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from torchmetrics import SumMetric
 
 from mom.config import model_config
+from mom.metrics import IGNORE_INDEX, LanguageModelMetrics
 from mom.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("mom")
-IGNORE_INDEX = -100
 
 
 def parameter_summary(model: torch.nn.Module) -> dict[str, Any]:
@@ -90,11 +88,7 @@ class MoMLitModule(L.LightningModule):
         if token_bytes is not None:
             token_bytes = torch.as_tensor(token_bytes, dtype=torch.long)
         self.register_buffer("token_bytes", token_bytes, persistent=False)
-        self.val_nll = SumMetric()
-        self.val_tokens = SumMetric()
-        self.val_bytes = SumMetric()
-        for m in (self.val_nll, self.val_tokens, self.val_bytes):
-            m.set_dtype(torch.float64)
+        self.val_metrics = LanguageModelMetrics()
         self._t_last: float | None = None
         self._tokens_seen = 0
         from mom.slm import Rho1Selection
@@ -201,33 +195,19 @@ class MoMLitModule(L.LightningModule):
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        out = self(batch["input_ids"])
-        logits = out.logits[:, :-1].float()
-        targets = batch["labels"][:, 1:]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                              ignore_index=IGNORE_INDEX, reduction="none")
-        mask = targets.reshape(-1) != IGNORE_INDEX
-        self.val_nll.update(nll[mask].sum().double())
-        self.val_tokens.update(mask.sum().double())
-        if self.token_bytes is not None:
-            tb = self.token_bytes[targets.reshape(-1)[mask].clamp_max(self.token_bytes.numel() - 1)]
-            self.val_bytes.update(tb.sum().double())
+        out = self(batch["input_ids"], labels=batch["labels"])
+        self.val_metrics.update(out.token_loss, batch["labels"], self.token_bytes)
 
     def on_validation_epoch_end(self) -> None:
-        n_tok = self.val_tokens.compute()
-        if n_tok <= 0:
+        m = self.val_metrics.compute()
+        self.val_metrics.reset()
+        if m["tokens"] <= 0:
             return
-        nll = self.val_nll.compute()
-        loss = (nll / n_tok).float()
+        loss = m["loss"].float()
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", torch.exp(loss.clamp_max(50.0)))
-        if self.token_bytes is not None:
-            n_bytes = self.val_bytes.compute()
-            if n_bytes > 0:
-                self.log("val/bpb", (nll / (math.log(2) * n_bytes)).float(), prog_bar=True)
-        self.val_nll.reset()
-        self.val_tokens.reset()
-        self.val_bytes.reset()
+        if m["bytes"] > 0:
+            self.log("val/bpb", m["bpb"].float(), prog_bar=True)
 
     # ------------------------------------------------------------------ optimizers
     def configure_optimizers(self) -> dict[str, Any]:

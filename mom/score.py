@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig
 
 from mom.cli import one_line_errors
-from mom.config import CONF_DIR, plain_keys, register_configs
+from mom.config import CONF_DIR, ScoreConfig, plain_options, register_configs
 from mom.run_folder import setup_stderr_logging
 
 log = logging.getLogger("mom.score")
@@ -42,12 +42,12 @@ def score(cfg: Any, out=None) -> dict[str, dict[str, Any]]:
     from mom.run_folder import model_identity, resolve_ref_model_dir
     from mom.slm import SlmError, check_same_tokenizer, load_reference, score_tokens
 
-    c = plain_keys(cfg, ("ref_run", "data", "splits", "seq_len", "batch_size", "dtype", "device", "overwrite"))
+    c = plain_options(cfg, ScoreConfig)
     model_dir = resolve_ref_model_dir(c.get("ref_run"), error=SlmError)
     data_cfg = {k: v for k, v in dict(c.get("data") or {}).items() if k not in ("_target_", "tokenizer_dir")}
     if not data_cfg:
         raise SlmError("no data config: give data=<data config>")
-    device = c.get("device") or "auto"
+    device = c["device"]
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     ref, ref_tok = load_reference(model_dir, device)
@@ -66,7 +66,7 @@ def score(cfg: Any, out=None) -> dict[str, dict[str, Any]]:
                     ref.config.max_position_embeddings)
 
     results: dict[str, dict[str, Any]] = {}
-    for split in c.get("splits") or ["train", "validation"]:
+    for split in c["splits"]:
         split = {"val": "validation"}.get(split, split)
         if split not in ("train", "validation"):
             raise SlmError(f"unknown split {split!r} (train, validation)")
@@ -86,12 +86,12 @@ def score(cfg: Any, out=None) -> dict[str, dict[str, Any]]:
                     last[0] = elapsed
                     log.info("%s: %d/%d windows, %.0f s", split, done, total, elapsed)
 
-            losses = score_tokens(ref, cache.tokens, seq_len, int(c.get("batch_size") or 16), device, progress)
+            losses = score_tokens(ref, cache.tokens, seq_len, int(c["batch_size"]), device, progress)
             meta = {"seq_len": seq_len, "split": split, "cache_key": cache.key, "ref_model_dir": str(model_dir),
                     "tokenizer_sha256": tokenizer_hash(tok), "n_docs": cache.n_docs,
                     "score_s": round(time.perf_counter() - t0, 3)}
             store = write_ref_losses(dm.cache_dir, windows_key, ref_id, losses, cache.doc_offsets, meta,
-                                     dtype=c.get("dtype") or "float16")
+                                     dtype=c["dtype"])
         doc = store.doc_losses
         info = {"path": f"{store.stem}.bin", "n_targets": store.n_targets, "mean_loss": store.meta.get("mean_loss"),
                 "n_docs": int(len(doc)), "doc_loss_median": float(np.nanmedian(doc)) if len(doc) else None,

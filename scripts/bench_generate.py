@@ -17,7 +17,7 @@ tokens/s = (new - 1) / (first -> last new token).
 Memory: the peak RSS increase over the RSS before the call, sampled every 1 ms from /proc/self/statm by a
 background thread (psutil is not installed; tracemalloc cannot see torch's allocations).
 Bandwidth floor: bytes of weights read per decoded token / measured copy bandwidth (read + write of a
-256 MiB fp32 copy, as /work/shared/baselines/bw.py).
+256 MiB fp32 copy, :func:`copy_bandwidth`).
 """
 
 from __future__ import annotations

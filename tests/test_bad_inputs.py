@@ -17,7 +17,8 @@ from mom.cli import preflight
 from mom.data.corpus import DataError
 from mom.errors import CheckpointError
 from mom.model.config import ConfigError
-from tests.conftest import PYTHON, REPO, tiny_overrides
+from tests.helpers import PYTHON, REPO
+from tests.helpers.overrides import tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +161,7 @@ def _cli(module: str, args: list[str], env: dict, cwd: Path) -> subprocess.Compl
                           timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(python_env, trained_run, tmp_path):
     cases = [
         ("mom.train", ["experiment=nope"], 1, "error: experiment=nope: unknown experiment option"),

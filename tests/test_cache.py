@@ -8,7 +8,7 @@ import torch
 from mom.model import PRECISION_PRESETS
 from mom.model.cache import MoMCache
 from mom.model.generation import GenerationError
-from tests.test_model import MIXTURES, V, build
+from tests.helpers.models import MIXTURES, V, build
 
 
 @pytest.mark.parametrize("precision", list(PRECISION_PRESETS))

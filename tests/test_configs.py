@@ -11,10 +11,12 @@ from omegaconf import OmegaConf
 
 from mom.config import CONF_DIR, model_config, to_plain
 from mom.model.config import PRECISION_COMPONENTS, PRECISION_PRESETS, ConfigError, MoMConfig
-from tests.conftest import small_model_overrides, tiny_overrides
+from tests.helpers.overrides import small_model_overrides, tiny_overrides
 
 GROUPS = ["model", "precision", "optimizer", "scheduler", "data", "trainer", "logger", "callbacks", "paths", "slm"]
-OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
+# the precision presets are registered from mom.model.config.PRECISION_PRESETS (no YAML files)
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))] + \
+    [("precision", p) for p in PRECISION_PRESETS]
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 RUN = ["paths.run_dir=/tmp/mom-unused"]
 
@@ -43,8 +45,7 @@ def test_every_option_composes(compose, group, option):
             mc = model_config(cfg.model, compose([f"precision={preset}", *RUN]).precision)
             assert mc.precision == PRECISION_PRESETS[preset]
     if group == "precision":
-        raw = OmegaConf.load(CONF_DIR / "precision" / f"{option}.yaml")
-        assert set(raw) == set(PRECISION_COMPONENTS)
+        assert set(cfg.precision) == set(PRECISION_COMPONENTS)
         assert to_plain(cfg.precision) == PRECISION_PRESETS[option]
 
 

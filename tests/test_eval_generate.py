@@ -9,21 +9,17 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from mom.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe
 from mom.model import MoMConfig, MoMForCausalLM
-
-REPO = Path(__file__).resolve().parent.parent
-# tiny models: one thread is faster (and does not stall when other jobs load the cores)
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+from tests.helpers import REPO
+from tests.helpers.run_folder import ENV, corpus_text, make_run
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -32,62 +28,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-_WORDS = ("the king and his queen walked slowly through the garden while a fool sang of summer rain "
-          "café naïve Ünïcödé — 日本語 and émigré words ✓ ").split()
-
-
-def corpus_text(seed: int, n_words: int) -> str:
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(_WORDS), (n_words,), generator=g).tolist()
-    lines, line = [], []
-    for i in idx:
-        line.append(_WORDS[i])
-        if len(line) == 9:
-            lines.append(" ".join(line) + ".")
-            line = []
-    return "\n".join(lines) + "\n"
-
-
-def tiny_config(vocab_size: int, **kw) -> MoMConfig:
-    base = dict(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                num_key_value_heads=2, intermediate_size=64, num_experts=4, num_experts_per_tok=2,
-                mamba_d_state=8, max_position_embeddings=64, precision={"attention": "bf16"})
-    base.update(kw)
-    return MoMConfig(**base)
-
-
-def make_run(root: Path, *, seed: int = 0, precision: str | dict | None = None, **model_kw) -> Path:
-    """A run folder: model/ (config, weights, tokenizer) and .hydra/config.yaml with a local-text data node."""
-    from mom.model import PRECISION_PRESETS
-
-    run = root / "run"
-    data = root / "text"
-    data.mkdir(parents=True, exist_ok=True)
-    (data / "train.txt").write_text(corpus_text(1, 1500), encoding="utf-8")
-    (data / "val.txt").write_text(corpus_text(2, 400), encoding="utf-8")
-    tok = train_bpe([(data / "train.txt").read_text(encoding="utf-8")], 320, min_frequency=2)
-    V = tok.get_vocab_size(with_added_tokens=True)
-    prec = PRECISION_PRESETS[precision] if isinstance(precision, str) else (precision or PRECISION_PRESETS["attn_bf16"])
-    torch.manual_seed(seed)
-    model = MoMForCausalLM(tiny_config(V, precision=prec, **model_kw))
-    with torch.no_grad():  # a less uniform random model: more varied greedy continuations
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "router" in name:
-                p.normal_(0, 0.5)
-            elif "embed_tokens" in name:
-                p.normal_(0, 1.0)
-            elif "lm_head" in name:
-                p.normal_(0, 0.2)
-    model.save_pretrained(run / "model")
-    save_tokenizer(tok, run / "model" / "tokenizer.json")
-    (run / ".hydra").mkdir(parents=True)
-    data_cfg = {"_target_": "mom.data.datamodule.MoMDataModule", "source": "text",
-                "paths": [str(data / "train.txt")], "val_paths": [str(data / "val.txt")],
-                "tokenizer": {"vocab_size": 320, "min_frequency": 2, "path": None, "name": None},
-                "seq_len": 32, "batch_size": 4, "cache_dir": str(root / "cache"), "seed": 0}
-    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"data": data_cfg, "seed": 0}))
-    return run
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +79,7 @@ def test_eval_refuses_tokenizer_of_another_vocab(run, tmp_path):
         evaluate({"run_dir": str(run), "model_dir": str(other), "max_seq_length": 32})
 
 
+@pytest.mark.slow
 def test_eval_cli_last_line_is_json(run):
     p = subprocess.run([sys.executable, "-m", "mom.eval", f"run_dir={run}", "max_seq_length=32"],
                        capture_output=True, text=True, cwd=REPO, timeout=120, env=ENV)
@@ -153,6 +94,7 @@ def _cfg(run: Path, **kw):
             "batch_size": 8, "stop_at_eos": True, **kw}
 
 
+@pytest.mark.slow
 def test_generate_cli_stdout_is_exactly_prompt_and_continuation(run, tmp_path):
     model, tok = _model(run)
     prompt = "the king café"
@@ -205,6 +147,7 @@ def test_sampling_is_reproducible_with_seed(run):
     assert c != a
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["prompt=''"], "empty prompt"),
     (["run_dir=/nonexistent/run"], "run_dir not found"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from mom.model import MoMForCausalLM
-from tests.test_eval_generate import ENV, make_run, one_thread  # noqa: F401  (autouse fixture)
+from tests.helpers.run_folder import ENV, make_run
 
 pytest.importorskip("mom.model.packed")
 
@@ -74,7 +74,8 @@ def test_eval_and_generate_accept_the_packed_folder(exported):
     assert generate_text({**gen, "model_dir": str(run / "model-packed")}, out=None) == generate_text(gen, out=None)
 
 
-def test_export_cli_and_errors(exported, tmp_path):
+@pytest.mark.slow
+def test_export_cli(exported, tmp_path):
     run, _, _ = exported
     out_dir = tmp_path / "again"
     p = subprocess.run([sys.executable, "-m", "mom.export", f"run_dir={run}", f"output_dir={out_dir}"],
@@ -84,7 +85,11 @@ def test_export_cli_and_errors(exported, tmp_path):
     assert (out_dir / "model.safetensors").is_file()
     assert not [x for x in tmp_path.iterdir() if x.name != "again"]  # nothing else written
 
+
+def test_export_errors(exported, tmp_path):
     from mom.export import ExportError, export
+
+    run, _, _ = exported
 
     with pytest.raises(ExportError, match="run_dir not found"):
         export({"run_dir": str(tmp_path / "missing")})

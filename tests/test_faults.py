@@ -25,7 +25,8 @@ from mom.checkpoint import (
 )
 from mom.errors import CheckpointError, NonFiniteLossError
 from mom.files import atomic_write
-from tests.conftest import PYTHON, REPO, tiny_overrides
+from tests.helpers import PYTHON, REPO
+from tests.helpers.overrides import tiny_overrides
 
 # a short fixed schedule (so a run stopped at N and one going to 2N share it), epochs of 3 batches (the resume
 # crosses an epoch boundary), attention dropout (the resumed steps must draw the same random numbers)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import TINY_RUN, small_model_overrides
+from tests.helpers.overrides import TINY_RUN, small_model_overrides
 
 SEQ = 32
 NOISY = ["data.noise.first_play=0", "data.noise.plays=1", "data.noise.max_docs=40"]
@@ -179,7 +179,7 @@ def test_selection_prefers_clean_tokens(compose, ref_run, scored):
         idx = torch.arange(b0, min(b0 + 16, n_windows))
         ids = torch.from_numpy(np.stack([cache.tokens[i * stride : i * stride + SEQ] for i in idx]).astype(np.int64))
         with torch.no_grad():
-            cur = model(ids, labels=ids, reduction="none").token_loss
+            cur = model(ids, labels=ids).token_loss
         ref = store.window_losses(idx, SEQ)
         mask = select_tokens(cur - ref, torch.ones_like(cur, dtype=torch.bool), 0.6).numpy()
         flags = np.stack([corrupt[i * stride + 1 : i * stride + SEQ] for i in idx.tolist()])
@@ -269,7 +269,7 @@ def test_score_cli_scores_and_refuses_in_one_line(ref_run, python_env, tmp_path)
     """``python -m mom.score``: scores (or reuses the stored losses) and refuses another tokenizer with one line."""
     import subprocess
 
-    from tests.conftest import PYTHON
+    from tests.helpers import PYTHON
 
     base = [PYTHON, "-m", "mom.score", f"ref_run={ref_run}", "data=noisy_shakespeare", *NOISY,
             f"data.seq_len={SEQ}", "splits=[train]"]

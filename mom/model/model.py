@@ -38,7 +38,7 @@ class MoMOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
-    token_loss: torch.Tensor | None = None  # (B, T-1) per-token NLL, with reduction="none"
+    token_loss: torch.Tensor | None = None  # (B, T-1) per-token NLL (0 at ignored targets), given labels
     aux_losses: dict = field(default_factory=dict)  # weighted
     stats: dict = field(default_factory=dict)  # detached router statistics
     cache: MoMCache | None = None
@@ -181,7 +181,7 @@ class MoMForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids, labels=None, attention_mask=None, cache: MoMCache | None = None,
-                reduction: str = "mean", logits_to_keep: int = 0) -> MoMOutput:
+                logits_to_keep: int = 0) -> MoMOutput:
         hidden, aux, stats = self.model(input_ids, attention_mask, cache)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

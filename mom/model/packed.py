@@ -40,7 +40,7 @@ be copied, moved or pickled; the cache is keyed on the packed weight's storage a
     to bf16/fp16 (relative error ~1e-3/5e-4), so CUDA decoding is not bit-identical to fp32 BitLinear eval.
 
 Note on memory: the checkpoint holds 2 bits per weight; the resident oneDNN layout adds 1 byte per weight
-(built lazily; ``drop_kernel_cache()`` frees it).
+(built lazily on first use, never saved).
 """
 
 from __future__ import annotations
@@ -172,9 +172,6 @@ class PackedTernaryLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ kernel layouts (cached, not saved)
-    def drop_kernel_cache(self) -> None:
-        self._kernel_cache.clear()
-
     def rebuild_buffers(self, device=None) -> None:
         """No non-persistent buffers to rebuild (the kernel layouts are a lazy cache); drops the cache."""
         self._kernel_cache.clear()

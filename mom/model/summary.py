@@ -90,23 +90,3 @@ def format_summary(s: dict) -> str:
                                                   f" (bf16: {s['bf16_weight_bytes'] / 2**20:.1f} MiB)"),
     ]
     return "\n".join(["| quantity | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m mom.model.summary [MODEL ...] [--precision PRESET]``: the table for conf/model/MODEL."""
-    import argparse
-
-    from mom.config import compose, model_config
-
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("models", nargs="*", default=["tiny", "momv4", "momv5"])
-    ap.add_argument("--precision", default="attn_bf16")
-    args = ap.parse_args(argv)
-    for name in args.models:
-        cfg = compose("train", [f"model={name}", f"precision={args.precision}"])
-        print(f"\n#### {name} (precision {args.precision})\n")
-        print(format_summary(summary(model_config(cfg.model, cfg.precision))))
-
-
-if __name__ == "__main__":
-    main()
