@@ -203,11 +203,13 @@ class MoMLitModule(L.LightningModule):
         self.val_metrics.reset()
         if m["tokens"] <= 0:
             return
+        # compute() already summed over every process (torchmetrics' sync on compute), so each rank holds the
+        # whole validation set's value; sync_dist=True averages those equal values and tells Lightning so
         loss = m["loss"].float()
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", torch.exp(loss.clamp_max(50.0)))
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(loss.clamp_max(50.0)), sync_dist=True)
         if m["bytes"] > 0:
-            self.log("val/bpb", m["bpb"].float(), prog_bar=True)
+            self.log("val/bpb", m["bpb"].float(), prog_bar=True, sync_dist=True)
 
     # ------------------------------------------------------------------ optimizers
     def configure_optimizers(self) -> dict[str, Any]:

@@ -146,16 +146,24 @@ def _run(cmd: list[str], env: dict, timeout: int, cwd: Path) -> subprocess.Compl
 
 
 @pytest.mark.slow
-def test_ddp_cpu_two_processes(python_env, tmp_path):
+def test_ddp_cpu_two_processes_validate_like_one(python_env, compose, train_fn, tmp_path):
+    """trainer=ddp_cpu trains and saves; and its 2 gloo processes validating 3 batches each score the same windows as 1 process validating 6 (the
+    distributed sampler interleaves the ranks), with the same weights (lr 0): val/loss, val/ppl and val/bpb
+    must be the whole set's, equal to the single process's, and Lightning must not warn about sync_dist."""
+    same = ["optimizer.lr=0.0", "trainer.max_steps=1", "trainer.val_check_interval=2", "final_validate=true"]
     run = tmp_path / "ddp"
     cmd = [PYTHON, "-m", "mom.train", "trainer=ddp_cpu", "model=jamba_tiny", *small_model_overrides(),
-           *[o for o in TINY_RUN if not o.startswith(("trainer.accelerator", "trainer.devices",
-                                                       "trainer.strategy"))],
-           "trainer.max_steps=3", "final_validate=false", f"hydra.run.dir={run}"]
+           *[o for o in TINY_RUN if not o.startswith(("trainer.accelerator", "trainer.devices", "trainer.strategy"))],
+           *same, "trainer.limit_val_batches=3", f"hydra.run.dir={run}"]
     res = _run(cmd, python_env, timeout=420, cwd=tmp_path)
-    assert "[mom.train] step 3" in res.stdout, res.stdout[-3000:]
-    assert (run / "model" / "model.safetensors").is_file()
-    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert "[mom.train] step 1" in res.stdout, res.stdout[-3000:]
+    assert (run / "model" / "model.safetensors").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert "sync_dist" not in res.stdout + res.stderr, res.stderr[-3000:]
+    ddp = [r for r in _rows(run) if r.get("val/loss")][-1]
+    single = train_fn(compose(tiny_overrides(tmp_path / "single") + same + ["trainer.limit_val_batches=6",
+                                                                          "save_model=false"]))
+    for key in ("val/loss", "val/ppl", "val/bpb"):
+        assert float(ddp[key]) == pytest.approx(single[key], rel=1e-5), (key, ddp[key], single[key])
 
 
 @pytest.mark.slow
