@@ -188,7 +188,7 @@ class EvalConfig:
     paths: PathsSchema = field(default_factory=PathsSchema)
     run_dir: Optional[str] = None  # a training run folder; its model/ is evaluated
     model_dir: Optional[str] = None  # a model folder directly (config.json, model.safetensors, tokenizer.json)
-    max_seq_length: Optional[int] = None  # evaluation context; None: the model's max_position_embeddings
+    max_seq_length: Optional[int] = None  # evaluation context; None: the run's training context (data.seq_len)
     batch_size: int = 8
     seed: int = 1337
 

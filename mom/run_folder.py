@@ -154,6 +154,25 @@ def check_vocab(tok, model_vocab: int, where: Any, error: type[Exception] = RunF
                     "not the tokenizer this model was trained with")
 
 
+def trained_context(run_dir: Any = None, model_dir: Any = None) -> int | None:
+    """The window length (``data.seq_len``) the model was trained on, from the run's ``.hydra/config.yaml``
+    (``run_dir``, or the run folder holding ``model_dir``); None when there is no readable run config."""
+    from omegaconf import OmegaConf
+
+    candidates = [Path(str(run_dir)).expanduser()] if run_dir else []
+    if model_dir:
+        candidates.append(Path(str(model_dir)).expanduser().resolve().parent)
+    for run in candidates:
+        path = run / ".hydra" / "config.yaml"
+        if path.is_file():
+            try:
+                seq_len = OmegaConf.select(OmegaConf.load(path), "data.seq_len")
+                return int(seq_len) if seq_len else None
+            except Exception:  # noqa: BLE001 - an unreadable config only loses the default
+                return None
+    return None
+
+
 def run_data_config(run_dir: Path, error: type[Exception] = RunFolderError) -> dict[str, Any]:
     """The ``data`` node of a training run's ``.hydra/config.yaml``, resolved."""
     from omegaconf import OmegaConf
@@ -171,4 +190,4 @@ def run_data_config(run_dir: Path, error: type[Exception] = RunFolderError) -> d
 
 
 __all__ = ["RunFolderError", "check_vocab", "load_model_and_tokenizer", "model_identity", "resolve_model_dir",
-           "resolve_ref_model_dir", "run_data_config", "setup_stderr_logging", "setup_train_logging"]
+           "resolve_ref_model_dir", "run_data_config", "trained_context", "setup_stderr_logging", "setup_train_logging"]

@@ -65,6 +65,23 @@ def test_eval_json_and_bpb_consistency(run):
     assert abs(direct - last["loss"]) < 1e-4, (direct, last["loss"])
 
 
+def test_eval_scores_at_the_training_context_by_default(run, capsys, caplog):
+    """The model was trained on 32-token windows (its run's data.seq_len) with max_position_embeddings 64:
+    eval scores 32-token windows unless asked for more, and then says the model never saw that context."""
+    from mom.eval import evaluate
+    from mom.run_folder import trained_context
+
+    assert trained_context(run_dir=run) == trained_context(model_dir=run / "model") == 32
+    m = evaluate({"run_dir": str(run), "batch_size": 4})
+    assert m["seq_len"] == 32
+    assert "mom.eval" in capsys.readouterr().err  # the progress bar, on stderr
+    with caplog.at_level("WARNING", logger="mom.eval"):
+        longer = evaluate({"run_dir": str(run), "batch_size": 4, "max_seq_length": 64}, progress=False)
+    assert longer["seq_len"] == 64
+    assert "longer than the 32-token windows the model was trained on" in caplog.text
+    assert capsys.readouterr().err == ""
+
+
 def test_eval_refuses_tokenizer_of_another_vocab(run, tmp_path):
     import shutil
 
