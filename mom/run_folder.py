@@ -146,6 +146,60 @@ def load_model_and_tokenizer(model_dir: Path, error: type[Exception] = RunFolder
     return model, tok
 
 
+class TextTokenizer:
+    """A model folder's ``tokenizer.json`` (a ``tokenizers.Tokenizer``, as ``.backend``) with the calls a user
+    needs around ``model.generate``: :meth:`encode` text -> ids, :meth:`decode` ids -> text."""
+
+    def __init__(self, backend) -> None:
+        from mom.data.tokenizer import special_token_ids
+
+        self.backend = backend
+        special = special_token_ids(backend)
+        self.eos_token_id: int | None = special["eos"]
+        self.pad_token_id: int | None = special["pad"]
+        self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, return_tensors: bool = False):
+        """Token ids of ``text``: a list, or with ``return_tensors`` a (1, T) LongTensor for ``model.generate``."""
+        ids = self.backend.encode(text).ids
+        if return_tensors:
+            import torch
+
+            return torch.tensor([ids], dtype=torch.long)
+        return ids
+
+    def decode(self, ids) -> str | list[str]:
+        """Text of a sequence of ids (a list or a 1-D tensor); a 2-D tensor or a list of lists gives one text
+        per row. Special tokens are left out; byte-level tokens are decoded to their exact UTF-8."""
+        from mom.data.tokenizer import decoded_bytes, uses_byte_level
+
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        if ids and isinstance(ids[0], list):
+            return [self.decode(row) for row in ids]
+        if uses_byte_level(self.backend):
+            return decoded_bytes(self.backend, ids).decode("utf-8", errors="replace")
+        return self.backend.decode(ids)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"TextTokenizer(vocab_size={self.vocab_size}, eos_token_id={self.eos_token_id})"
+
+
+def load(run_or_model_dir: str | os.PathLike, map_location: Any = "cpu"):
+    """``(model, tokenizer)`` of a training run folder (its ``model/``) or of a model folder: the model in eval
+    mode and its :class:`TextTokenizer`. :class:`RunFolderError` (one line) when the folder is not one."""
+    path = Path(str(run_or_model_dir)).expanduser()
+    if not path.is_dir():
+        raise RunFolderError(f"not a folder: {path}")
+    is_model = (path / "config.json").is_file()
+    model_dir = resolve_model_dir(None if is_model else path, path if is_model else None)
+    model, tok = load_model_and_tokenizer(model_dir, map_location=map_location)
+    return model, TextTokenizer(tok)
+
+
 def check_vocab(tok, model_vocab: int, where: Any, error: type[Exception] = RunFolderError) -> None:
     """Refuse a tokenizer whose vocabulary size is not the model's."""
     n = tok.get_vocab_size(with_added_tokens=True)
@@ -189,5 +243,5 @@ def run_data_config(run_dir: Path, error: type[Exception] = RunFolderError) -> d
         raise error(f"cannot resolve the data config of {path}: {e}".splitlines()[0]) from None
 
 
-__all__ = ["RunFolderError", "check_vocab", "load_model_and_tokenizer", "model_identity", "resolve_model_dir",
+__all__ = ["RunFolderError", "TextTokenizer", "load", "check_vocab", "load_model_and_tokenizer", "model_identity", "resolve_model_dir",
            "resolve_ref_model_dir", "run_data_config", "trained_context", "setup_stderr_logging", "setup_train_logging"]
