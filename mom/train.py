@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig
 
 from mom.config import CONF_DIR, model_config, register_configs, to_plain, wandb_mode_offline
+from mom.model.config import ConfigError
 
 log = logging.getLogger("mom")
 register_configs()
@@ -82,7 +83,7 @@ def _instantiate_all(group: Any, run_dir: Path, task_name: str, resume: bool = F
         if node is None:
             continue
         if not (isinstance(node, DictConfig) and "_target_" in node):
-            raise ValueError(f"{name}: expected a mapping with _target_, got {node!r}")
+            raise ConfigError(f"{name}: expected a mapping with _target_, got {node!r}")
         kwargs: dict[str, Any] = {}
         if str(node._target_).endswith("WandbLogger"):
             if node.get("offline") is None:
