@@ -73,9 +73,21 @@ def log_device_choice(given: dict[str, Any], accelerator: str, precision: Any) -
              precision, given.get("accelerator"), given.get("precision"), why)
 
 
-def _instantiate_all(group: Any, run_dir: Path, task_name: str, resume: bool = False) -> list[Any]:
-    """Instantiate each ``_target_`` entry of a logger/callbacks dict (null entries are dropped); ``resume``:
-    a wandb logger continues the run folder's previous wandb run (same id)."""
+def checkpoint_step(ckpt_path: str | None) -> int | None:
+    """The ``global_step`` of a checkpoint file, read without loading its tensors (memory-mapped); None for
+    no checkpoint (a fresh start) or one that cannot be read here (Lightning reports it when it loads it)."""
+    if not ckpt_path or "://" in str(ckpt_path):
+        return None
+    try:
+        return int(torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
+    except Exception:  # noqa: BLE001 - a bad checkpoint gets its one-line error from SafeCheckpointIO
+        return None
+
+
+def _instantiate_all(group: Any, run_dir: Path, task_name: str, resume_step: int | None = None) -> list[Any]:
+    """Instantiate each ``_target_`` entry of a logger/callbacks dict (null entries are dropped). When the run
+    resumes from a checkpoint of step ``resume_step``, a wandb logger continues the run folder's previous wandb
+    run (same id) and TensorBoard drops the events logged after that step (``purge_step``)."""
     from hydra.utils import instantiate
 
     objs = []
@@ -90,18 +102,20 @@ def _instantiate_all(group: Any, run_dir: Path, task_name: str, resume: bool = F
                 kwargs["offline"] = wandb_mode_offline()
             if node.get("name") is None:
                 kwargs["name"] = f"{task_name}-{run_dir.parent.name}-{run_dir.name}"
-            if resume and node.get("id") is None:
+            if resume_step is not None and node.get("id") is None:
                 from mom.loggers import previous_wandb_id
 
                 if (previous := previous_wandb_id(node.get("save_dir") or run_dir)) is not None:
                     kwargs.update(id=previous, resume="allow")
+        if str(node._target_).endswith("TensorBoardLogger") and resume_step is not None:
+            kwargs.setdefault("purge_step", resume_step)  # steps the crashed run logged past its checkpoint
         objs.append(instantiate(node, **kwargs))
     return objs
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, resume: bool = False, **extra: Any):
-    """A ``lightning.Trainer`` from ``cfg.trainer`` plus the logger and callbacks groups (``resume``: the run
-    continues from a checkpoint, so its wandb run continues too)."""
+def build_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None, **extra: Any):
+    """A ``lightning.Trainer`` from ``cfg.trainer`` plus the logger and callbacks groups (``resume_step``: the
+    step of the checkpoint the run continues from, for the loggers)."""
     import lightning as L
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelSummary, ProgressBar
@@ -115,7 +129,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, resume: bool = False, **extra:
     log_device_choice(given, accelerator, targs["precision"])
     if isinstance(targs["strategy"], dict):
         targs["strategy"] = instantiate(cfg.trainer.strategy)
-    loggers = _instantiate_all(cfg.logger, run_dir, cfg.task_name, resume=resume)
+    loggers = _instantiate_all(cfg.logger, run_dir, cfg.task_name, resume_step=resume_step)
     callbacks = _instantiate_all(cfg.callbacks, run_dir, cfg.task_name)
     if targs.get("enable_progress_bar") is False:
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
@@ -189,7 +203,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from mom.model.config import ConfigError
 
     try:
-        trainer = build_trainer(cfg, run_dir, resume=ckpt_path is not None, plugins=[SafeCheckpointIO(expected_shapes=expected)])
+        trainer = build_trainer(cfg, run_dir, resume_step=checkpoint_step(ckpt_path),
+                                plugins=[SafeCheckpointIO(expected_shapes=expected)])
     except MisconfigurationException as e:  # Lightning's refusal of a trainer setting: one line, not a traceback
         raise ConfigError(f"trainer: {e}") from None
     if trainer.is_global_zero:

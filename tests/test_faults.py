@@ -69,7 +69,7 @@ def _history(run: Path) -> list[tuple]:
             if r.get("train/loss") or r.get("val/loss")]
 
 
-def test_a_resumed_run_continues_its_wandb_run(compose, tmp_path):
+def test_a_resumed_run_continues_its_wandb_and_tensorboard_runs(compose, tmp_path):
     from mom.loggers import previous_wandb_id
     from mom.train import _instantiate_all
 
@@ -78,11 +78,15 @@ def test_a_resumed_run_continues_its_wandb_run(compose, tmp_path):
         (run / "wandb" / name).mkdir(parents=True)
     assert previous_wandb_id(run) == "bbbb2222"
     cfg = compose(tiny_overrides(run) + ["logger=wandb"])
-    resumed = {type(lg).__name__: lg for lg in _instantiate_all(cfg.logger, run, "train", resume=True)}
+    resumed = {type(lg).__name__: lg for lg in _instantiate_all(cfg.logger, run, "train", resume_step=6)}
     assert resumed["WandbLogger"].version == "bbbb2222"
     assert resumed["WandbLogger"]._wandb_init.get("resume") == "allow"
     fresh = {type(lg).__name__: lg for lg in _instantiate_all(cfg.logger, run, "train")}
     assert fresh["WandbLogger"].version != "bbbb2222"
+    tb = compose(tiny_overrides(run) + ["logger=tensorboard"])
+    tensorboard = {type(lg).__name__: lg for lg in _instantiate_all(tb.logger, run, "train", resume_step=6)}
+    assert Path(tensorboard["TensorBoardLogger"].log_dir) == run / "tensorboard"  # the same folder
+    assert tensorboard["TensorBoardLogger"]._kwargs.get("purge_step") == 6  # events after the checkpoint dropped
 
 
 def test_the_last_step_is_checkpointed_and_a_finished_run_resumes_at_its_end(compose, train_fn, tmp_path, caplog):
