@@ -27,6 +27,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter as _LightningWriter
 
+from mom.files import atomic_write
+
 log = logging.getLogger("mom")
 
 
@@ -51,12 +53,12 @@ class _AppendingWriter(_LightningWriter):
             self._fs.rm_file(self.metrics_file_path)
             self.metrics_keys = []
             return 0
-        tmp = f"{self.metrics_file_path}.tmp"
-        with self._fs.open(tmp, "w", newline="") as f:
+        def write(f: Any) -> None:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.metrics_file_path)
+
+        atomic_write(self.metrics_file_path, write, mode="w")  # a crash now leaves the old file whole
         self.metrics_keys = keys
         return len(rows)
 

@@ -220,6 +220,7 @@ def test_prompt_args_are_taken_verbatim(tmp_path):
         prompts_from_args([("prompt_file", str(tmp_path / "bad.jsonl"))])
 
 
+@pytest.mark.slow
 def test_generate_cli_takes_prompts_as_typed(run, tmp_path):
     """Commas, apostrophes, quotes, colons, =, brackets, ${..} and \\n on the command line, plus a prompt file
     and stdin, all in one call: stdout is what generate_text gives for the same prompts."""

@@ -55,6 +55,7 @@ def test_readme_load_gives_model_and_tokenizer(cwd):
         mom.load(cwd / "outputs")
 
 
+@pytest.mark.slow
 def test_readme_shell_lines_compose(cwd):
     from mom.cli import preflight
     from mom.prompts import take_prompt_args
