@@ -171,13 +171,20 @@ def generate_text(cfg: Any, out: TextIO | None = sys.stdout, model=None, tok=Non
             out.flush()
 
         streamer = _streamer(streams, done, pieces, out if live else None, eos_id)
+        stats: dict = {}
         if max_new > 0:
             model.generate(ids, max_new_tokens=max_new, attention_mask=mask if len(chunk) > 1 else None,
                            do_sample=bool(cfg["do_sample"]), temperature=float(cfg["temperature"]),
                            top_k=cfg["top_k"], top_p=cfg["top_p"],
                            repetition_penalty=float(cfg["repetition_penalty"]), eos_token_id=eos_id,
                            pad_token_id=pad_id, use_cache=bool(cfg["use_cache"]), generator=generator,
-                           streamer=streamer)
+                           streamer=streamer, compile=bool(cfg["compile"]), stats=stats)
+            if stats.get("decode_s"):
+                steps = max(stats["new_tokens"] - 1, 0)
+                report = log.warning if cfg["compile"] else log.info  # asked for: shown on stderr
+                report("prefill %.3f s, decode %.1f tok/s (%d sequences), compile %.1f s, C++ kernels %s",
+                       stats["prefill_s"], steps * len(chunk) / stats["decode_s"], len(chunk), stats["compile_s"],
+                       "on" if stats["kernels"] else "off")
         for i, s in enumerate(streams):
             tail = s.finish()
             if tail:

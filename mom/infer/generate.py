@@ -1,0 +1,107 @@
+"""``generate`` on the engine: the prompt is prefilled by the reference forward (one parallel pass that
+leaves a ``MoMCache``, copied into the static buffers), then every new token is one ``Engine.step``.
+
+Same arguments and results as ``mom.model.generation.generate`` (transformers' names), plus:
+
+- ``compile=True``: the step runs under ``torch.compile``; the first call compiles it (timed apart, in
+  ``stats["compile_s"]``) and later calls in the process reuse it (the engine is cached on the model);
+- ``stats``: a dict filled with ``prefill_s``, ``decode_s``, ``new_tokens``, ``compile_s``, ``kernels``.
+
+``use_cache=False`` is the reference full recompute of ``mom.model.generation`` (what the engine is tested
+against).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from mom.infer.engine import engine_for
+from mom.model.cache import MoMCache
+from mom.model.generation import GenerationError, process_logits
+from mom.model.generation import generate as reference_generate
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             repetition_penalty: float = 1.0, eos_token_id: int | None = None, pad_token_id: int | None = None,
+             attention_mask: torch.Tensor | None = None, use_cache: bool = True,
+             generator: torch.Generator | None = None, streamer: Callable[[torch.Tensor], None] | None = None,
+             compile: bool = False, use_kernels: bool | None = None, stats: dict | None = None) -> torch.Tensor:
+    """Returns (B, prompt + new) token ids; see ``mom.model.generation.generate`` for the arguments."""
+    if not use_cache:
+        return reference_generate(model, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                                  eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                                  attention_mask=attention_mask, use_cache=False, generator=generator,
+                                  streamer=streamer)
+    config = model.config
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if input_ids.numel() == 0 or input_ids.shape[1] == 0:
+        raise GenerationError("empty prompt: give at least one token")
+    prompt_len = int(attention_mask.sum(1).max()) if attention_mask is not None else input_ids.shape[1]
+    if prompt_len > config.max_position_embeddings:
+        raise GenerationError(f"prompt of {prompt_len} tokens is longer than the model's trained context "
+                              f"(max_position_embeddings={config.max_position_embeddings})")
+    if temperature <= 0:
+        raise GenerationError(f"temperature must be > 0, got {temperature} (use do_sample=False for greedy)")
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
+    stats = stats if stats is not None else {}
+    was_training = model.training
+    model.eval()
+    try:
+        engine = engine_for(model, use_kernels)
+        B, T = input_ids.shape
+        stats.update(compile_s=0.0, kernels=engine.use_kernels, new_tokens=0)
+        if compile and engine.compiled is None and not engine.compile_failed:
+            engine.compile()
+            try:
+                stats["compile_s"] = engine.warm_up(B, T + max(max_new_tokens, 1))
+            except Exception as e:  # noqa: BLE001 - Inductor needs a working C++ toolchain: fall back to eager
+                engine.compiled, engine.compile_failed = None, True
+                first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+                warnings.warn(f"mom.infer: torch.compile of the decode step failed ({first[:200]}); decoding eagerly",
+                              RuntimeWarning, stacklevel=2)
+        cache = engine.get_cache(B, T + max(max_new_tokens, 1))
+        t0 = time.perf_counter()
+        ref = MoMCache.for_config(config)
+        logits = model(input_ids, attention_mask=attention_mask, cache=ref, logits_to_keep=1).logits[:, -1]
+        cache.load(ref, T)
+        del ref
+        stats["prefill_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        tokens = input_ids
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        nxt = input_ids[:, -1]
+        for step in range(max_new_tokens):
+            if step:
+                logits = engine.step(nxt, cache)
+            scores = process_logits(logits.float(), tokens, temperature=temperature if do_sample else 1.0,
+                                    top_k=top_k if do_sample else None, top_p=top_p if do_sample else None,
+                                    repetition_penalty=repetition_penalty)
+            if do_sample:
+                nxt = torch.multinomial(torch.softmax(scores, -1), 1, generator=generator).squeeze(1)
+            else:
+                nxt = scores.argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            stats["new_tokens"] = step + 1
+            if streamer is not None:
+                streamer(nxt)
+            if eos_token_id is not None:
+                done = done | (nxt == eos_token_id)
+                if bool(done.all()):
+                    break
+        stats["decode_s"] = time.perf_counter() - t1
+        return tokens
+    finally:
+        model.train(was_training)
+
+
+__all__ = ["generate"]

@@ -1,0 +1,279 @@
+"""MoM's inference engine vs llama.cpp on the same Jamba weights (CPU, batch 1, greedy), one table.
+
+    .venv/bin/python scripts/bench_vs_llamacpp.py [--sizes small,big] [--threads 2] [--new-tokens 64]
+                                                  [--no-compile] [--cache DIR]
+
+1. Builds llama.cpp once into ``--cache`` (default ``~/.cache/mom/llamacpp``) from the PyPI sdist of
+   llama-cpp-python 0.3.36 (``pip download --no-binary``), which vendors llama.cpp with the Jamba architecture
+   and the TQ1_0/TQ2_0 ternary types: cmake + ninja, only ``llama-bench``, ``llama-quantize`` and
+   ``llama-batched-bench`` (about 12 minutes on 2 idle cores; later runs reuse it).
+2. Writes a transformers ``JambaForCausalLM`` with random weights in the per-expert layout that llama.cpp's
+   converter expects (transformers 5 fuses the experts into ``gate_up_proj``), with a byte-fallback BPE
+   tokenizer.json, converts it with the vendored ``convert_hf_to_gguf.py`` (and its ``gguf-py``) to F32 GGUF
+   and quantises it to TQ2_0 with ``llama-quantize``.
+3. Runs ``llama-bench -t THREADS -p PROMPT -n NEW`` on both files, and MoM on the same weights
+   (``mom.convert.from_hf_jamba``): fp32, and the ``ternary`` preset packed to 2 bits (``pack_model``), each
+   eager and ``compile=True``, prefill and decode tokens/s through ``mom.infer.generate``'s stats.
+
+Each row's "of floor" = its decode tokens/s over the bandwidth floor: read bandwidth (a 256 MiB fp32 sum,
+measured in this process) / bytes of weights a decoded token reads (active experts only; 2 bits a ternary
+weight; llama.cpp's TQ2_0 rows use the GGUF file's bytes per weight). Not part of ``make test``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+LLAMA_CPP_PYTHON = "0.3.36"
+TARGETS = ["llama-bench", "llama-quantize", "llama-batched-bench"]
+SIZES = {  # name -> transformers JambaConfig overrides (vocab 4096, 4 experts top-2 every other layer)
+    "small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4),
+    "big": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                num_key_value_heads=4),
+}
+
+
+def sh(cmd, **kw):
+    print("+", " ".join(str(c) for c in cmd), file=sys.stderr, flush=True)
+    return subprocess.run([str(c) for c in cmd], check=True, **kw)
+
+
+# ----------------------------------------------------------------------------------------------- llama.cpp
+def build_llamacpp(cache: Path) -> tuple[Path, Path]:
+    """(bin dir, vendored llama.cpp source dir); builds once."""
+    src = cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
+    build = cache / "build"
+    bins = build / "bin"
+    if all((bins / t).exists() for t in TARGETS):
+        return bins, src
+    cache.mkdir(parents=True, exist_ok=True)
+    sdist = cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+    if not sdist.exists():
+        sh([sys.executable, "-m", "pip", "download", f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "--no-deps",
+            "--no-binary", ":all:", "-d", cache])
+    if not src.exists():
+        with tarfile.open(sdist) as tar:
+            tar.extractall(cache, filter="data")
+    for tool in ("cmake", "ninja", "c++"):
+        if shutil.which(tool) is None:
+            sys.exit(f"bench_vs_llamacpp: {tool} not found (needed to build llama.cpp)")
+    sh(["cmake", "-S", src, "-B", build, "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+        "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_OPENMP=ON"])
+    sh(["nice", "-n", "10", "cmake", "--build", build, "-j", str(os.cpu_count() or 2), "--target", *TARGETS])
+    return bins, src
+
+
+# ----------------------------------------------------------------------------------------------- weights
+def write_tokenizer(path: Path, vocab_size: int) -> None:
+    """A Llama-style BPE tokenizer.json with byte fallback (what the converter's Jamba vocab reader takes):
+    specials, the 256 byte tokens, then filler pieces up to ``vocab_size``."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    i = 0
+    while len(vocab) < vocab_size:
+        vocab[f"\u2581t{i}"] = len(vocab)
+        i += 1
+    tok = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for t, i in list(vocab.items())[:3]],
+        "normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
+                                                          {"type": "Replace", "pattern": {"String": " "},
+                                                           "content": "\u2581"}]},
+        "pre_tokenizer": None, "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
+            {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": vocab, "merges": []},
+    }
+    (path / "tokenizer.json").write_text(json.dumps(tok))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False}))
+
+
+def make_jamba(size: str, out: Path):
+    """A random transformers Jamba saved for llama.cpp's converter; returns the transformers model."""
+    from safetensors.torch import save_file
+    from transformers import JambaConfig, JambaForCausalLM
+
+    from mom.convert import config_from_hf_jamba, convert_hf_jamba_state_dict
+
+    torch.manual_seed(0)
+    cfg = JambaConfig(vocab_size=4096, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                      expert_layer_offset=1, num_experts=4, num_experts_per_tok=2, mamba_d_state=16, mamba_d_conv=4,
+                      mamba_expand=2, use_mamba_kernels=False, max_position_embeddings=4096,
+                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2, **SIZES[size])
+    hf = JambaForCausalLM(cfg).eval()
+    if not (out / "model.safetensors").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        # per-expert names (experts.E.{gate,up,down}_proj.weight): the layout the converter merges itself
+        state = convert_hf_jamba_state_dict(hf.state_dict(), config_from_hf_jamba(cfg))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
+                  metadata={"format": "pt"})
+        d = cfg.to_dict()
+        d["architectures"] = ["JambaForCausalLM"]
+        (out / "config.json").write_text(json.dumps(d, indent=1))
+        write_tokenizer(out, cfg.vocab_size)
+    return hf
+
+
+def to_gguf(hf_dir: Path, src: Path, bins: Path) -> tuple[Path, Path]:
+    f32, tq2 = hf_dir / "model-f32.gguf", hf_dir / "model-tq2_0.gguf"
+    if not f32.exists():
+        env = {**os.environ, "PYTHONPATH": str(src / "gguf-py"), "NO_LOCAL_GGUF": ""}
+        sh([sys.executable, src / "convert_hf_to_gguf.py", hf_dir, "--outtype", "f32", "--outfile", f32], env=env)
+    if not tq2.exists():
+        sh([bins / "llama-quantize", f32, tq2, "TQ2_0", "2"], stdout=subprocess.DEVNULL)
+    return f32, tq2
+
+
+def llama_bench(bins: Path, gguf: Path, threads: int, prompt: int, new: int, reps: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) from llama-bench's JSON."""
+    res = subprocess.run([str(bins / "llama-bench"), "-m", str(gguf), "-t", str(threads), "-p", str(prompt),
+                          "-n", str(new), "-r", str(reps), "-o", "json"], check=True, capture_output=True, text=True)
+    rows = json.loads(res.stdout)
+    pp = next(r["avg_ts"] for r in rows if r["n_prompt"] > 0 and r["n_gen"] == 0)
+    tg = next(r["avg_ts"] for r in rows if r["n_gen"] > 0 and r["n_prompt"] == 0)
+    return pp, tg
+
+
+# ----------------------------------------------------------------------------------------------- MoM
+def read_bandwidth() -> float:
+    """Bytes/s of a plain read (sum of a 256 MiB fp32 tensor), best of 5."""
+    x = torch.ones(64 << 20)
+    x.sum()
+    best = min(_timed(lambda: x.sum()) for _ in range(5))
+    return x.numel() * 4 / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def active_weight_bytes(model) -> int:
+    """Bytes of weights one decoded token reads: every linear layer but the unchosen experts' (top-k of E),
+    2 bits a packed ternary weight, plus one embedding row."""
+    from torch import nn
+
+    from mom.model.packed import PackedTernaryLinear
+
+    cfg = model.config
+    total = 0
+    for name, m in model.named_modules():
+        if isinstance(m, PackedTernaryLinear):
+            b = m.packed_weight.numel()
+        elif isinstance(m, nn.Linear):
+            b = m.weight.numel() * (4 if m.weight.dtype == torch.float32 else 2)
+        else:
+            continue
+        if ".experts." in name:
+            b = b * cfg.num_experts_per_tok / cfg.num_experts
+        total += b
+    return int(total + cfg.hidden_size * 4)
+
+
+def mom_bench(model, prompt: torch.Tensor, new: int, reps: int, compile: bool) -> tuple[float, float, float]:
+    """(prefill tok/s, decode tok/s, compile seconds) through mom.infer.generate."""
+    from mom.infer import generate
+
+    st: dict = {}
+    generate(model, prompt, 4, compile=compile, stats=st)  # warm-up (and compilation, timed apart)
+    comp = st["compile_s"]
+    pre, dec = [], []
+    for _ in range(reps):
+        generate(model, prompt, new, compile=compile, stats=st)
+        pre.append(prompt.shape[1] / st["prefill_s"])
+        dec.append((st["new_tokens"] - 1) / st["decode_s"])
+    return statistics.median(pre), statistics.median(dec), comp
+
+
+def table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="small,big")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "mom" / "llamacpp")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from mom.convert import from_hf_jamba
+    from mom.model import PRECISION_PRESETS
+    from mom.model.model import apply_precision
+    from mom.model.packed import pack_model
+
+    bins, src = build_llamacpp(args.cache)
+    bw = read_bandwidth()
+    rows, ratios = [], []
+    prompt = torch.randint(3, 4096, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    for size in args.sizes.split(","):
+        hf_dir = args.cache / "models" / f"jamba-{size}"
+        hf = make_jamba(size, hf_dir)
+        f32, tq2 = to_gguf(hf_dir, src, bins)
+        model = from_hf_jamba(hf).eval()
+        del hf
+        n_params = model.num_parameters() / 1e6
+        fp32_bytes = active_weight_bytes(model)
+        tq2_bytes = fp32_bytes * tq2.stat().st_size / f32.stat().st_size
+
+        def row(label, pre, dec, nbytes, extra="", name=f"{size} ({n_params:.1f}M)"):
+            floor = bw / nbytes
+            rows.append([name, label, f"{pre:,.0f}", f"{dec:,.1f}", f"{nbytes / 2**20:,.1f}",
+                         f"{floor:,.0f}", f"{100 * dec / floor:.0f}%", extra])
+            return dec
+
+        llama_f32 = row("llama.cpp F32", *llama_bench(bins, f32, args.threads, args.prompt, args.new_tokens,
+                                                      args.reps), fp32_bytes)
+        llama_tq2 = row("llama.cpp TQ2_0", *llama_bench(bins, tq2, args.threads, args.prompt, args.new_tokens,
+                                                       args.reps), tq2_bytes)
+        for comp in (False,) if args.no_compile else (False, True):
+            pre, dec, cs = mom_bench(model, prompt, args.new_tokens, args.reps, comp)
+            label = "MoM fp32" + (" compiled" if comp else "")
+            row(label, pre, dec, fp32_bytes, f"{dec / llama_f32:.2f}x llama.cpp F32" + (f"; compile {cs:.0f} s" if comp else ""))
+            ratios.append((size, label, dec / llama_f32))
+        apply_precision(model, PRECISION_PRESETS["ternary"])
+        pack_model(model)
+        packed_bytes = active_weight_bytes(model)
+        for comp in (False,) if args.no_compile else (False, True):
+            pre, dec, cs = mom_bench(model, prompt, args.new_tokens, args.reps, comp)
+            label = "MoM ternary packed" + (" compiled" if comp else "")
+            row(label, pre, dec, packed_bytes, f"{dec / llama_tq2:.2f}x llama.cpp TQ2_0" + (f"; compile {cs:.0f} s" if comp else ""))
+            ratios.append((size, label, dec / llama_tq2))
+        del model
+    print(f"\n### MoM vs llama.cpp, batch 1, {args.threads} threads, prompt {args.prompt}, {args.new_tokens} new tokens "
+          f"(read bandwidth {bw / 1e9:.1f} GB/s)\n")
+    print(table(["model", "engine", "prefill tok/s", "decode tok/s", "weights read/token (MiB)", "floor tok/s",
+                 "of floor", "MoM / llama.cpp"], rows))
+
+
+if __name__ == "__main__":
+    main()
