@@ -150,6 +150,12 @@ class MoMLitModule(L.LightningModule):
         for logger in self.loggers:
             logger.log_hyperparams({f"params/{k}": v for k, v in flat.items()})
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mom_tokens_seen"] = int(self._tokens_seen)  # train/tokens continues after a resume
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._tokens_seen = int(checkpoint.get("mom_tokens_seen", 0))
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         res = self.compute_loss(batch)
         from mom.callbacks import handle_nonfinite
@@ -169,9 +175,12 @@ class MoMLitModule(L.LightningModule):
             self.log(f"train/{name}", value, batch_size=bs)
         return res["loss"]
 
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # counted here, before the step's checkpoint (callbacks' on_train_batch_end) stores the count
+        self._tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
+
     def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # tokens/s, samples/s and MFU: mom.throughput.ThroughputMonitor
-        self._tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
         self.log("train/tokens", float(self._tokens_seen))
         opt = self.optimizers()
         if not isinstance(opt, list):
@@ -213,11 +222,13 @@ class MoMLitModule(L.LightningModule):
         self.val_metrics.reset()
         if m["tokens"] <= 0:
             return
+        # compute() already summed over every process (torchmetrics' sync on compute), so each rank holds the
+        # whole validation set's value; sync_dist=True averages those equal values and tells Lightning so
         loss = m["loss"].float()
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", torch.exp(loss.clamp_max(50.0)))
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(loss.clamp_max(50.0)), sync_dist=True)
         if m["bytes"] > 0:
-            self.log("val/bpb", m["bpb"].float(), prog_bar=True)
+            self.log("val/bpb", m["bpb"].float(), prog_bar=True, sync_dist=True)
 
     # ------------------------------------------------------------------ optimizers
     def configure_optimizers(self) -> dict[str, Any]:

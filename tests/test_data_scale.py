@@ -186,7 +186,7 @@ def test_validation_windows_counted_exactly_once_across_ranks():
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
-def test_lightning_keeps_our_samplers_under_ddp(corpus_dir, tmp_path):
+def test_lightning_keeps_our_samplers_under_ddp(corpus_dir, tmp_path, monkeypatch):
     """Lightning wraps a plain sampler in DistributedSamplerWrapper (losing its resume state) and pads
     validation; ours are DistributedSamplers, so it keeps them, and the module shards by the Trainer's rank."""
     import lightning as L
@@ -200,6 +200,11 @@ def test_lightning_keeps_our_samplers_under_ddp(corpus_dir, tmp_path):
                        cache_dir=tmp_path, num_proc=0)
     dm.setup()
     dm.trainer = trainer
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    # set_global_rank also sets the process-wide rank_zero_only.rank: restored after the test, or later tests'
+    # rank-zero-only logging (metrics.csv, log lines) would be silenced
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
     trainer.strategy.cluster_environment.set_global_rank(1)  # as rank 1 sees it (no process group needed)
     train, val = dm.train_dataloader(), dm.val_dataloader()
     assert (train.sampler.rank, train.sampler.num_replicas) == (1, 2) and (val.sampler.rank, val.sampler.num_replicas) == (1, 2)

@@ -244,6 +244,11 @@ class MoMDataModule(L.LightningDataModule):
                                 else f"{self.corpus.describe()}: the {split} split has no documents")
         return caches
 
+    def _wait_for_filtered_split(self, key: str) -> None:
+        """The filtered split is missing: local rank 0 builds it, the other local ranks wait for its metadata file."""
+        if local_rank() != 0:
+            wait_for([self.cache_dir / "tokens" / f"{key}.json"], "the filtered train split")
+
     def _get_cache(self, split: str) -> TokenCache:
         if split not in self.caches:
             caches = self._prepare_corpus()
@@ -251,7 +256,8 @@ class MoMDataModule(L.LightningDataModule):
                 from mom.data.filter import filtered_cache
 
                 caches["train"] = filtered_cache(caches["train"], self.corpus, self.tokenizer, self.cache_dir,
-                                                 self.seq_len, self.filter_cfg, eos_id=self.eos_id)
+                                                 self.seq_len, self.filter_cfg, eos_id=self.eos_id,
+                                                 before_build=self._wait_for_filtered_split)
             self.caches.update(caches)
         return self.caches[split]
 

@@ -11,7 +11,7 @@ is built once and shared like any token cache.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,10 @@ def keep_documents(doc_losses: np.ndarray, min_quantile: float, max_quantile: fl
 
 
 def filtered_cache(base: TokenCache, corpus: Corpus, tokenizer, cache_dir: Path, seq_len: int,
-                   cfg: Mapping[str, Any], *, eos_id: int) -> TokenCache:
+                   cfg: Mapping[str, Any], *, eos_id: int,
+                   before_build: Callable[[str], None] | None = None) -> TokenCache:
+    """The train split cut to the kept documents (its own token cache, built once). ``before_build(key)`` runs
+    when that cache is missing, before it is built: the DataModule's local ranks other than 0 wait there."""
     from mom.data.ref_losses import load_ref_losses
     from mom.run_folder import RunFolderError, model_identity, resolve_ref_model_dir
 
@@ -71,10 +74,8 @@ def filtered_cache(base: TokenCache, corpus: Corpus, tokenizer, cache_dir: Path,
     key = stable_hash({"base": base.key, "ref_id": ref_id, "seq_len": seq_len,
                        "min_quantile": opts["min_quantile"], "max_quantile": opts["max_quantile"]})[:24]
     keep_list = keep.tolist()
-    from mom.data.datamodule import local_rank, wait_for
-
-    if local_rank() != 0 and load_token_cache(cache_dir, key) is None:  # local rank 0 tokenises the kept documents
-        wait_for([Path(cache_dir) / "tokens" / f"{key}.json"], "the filtered train split")
+    if before_build is not None and load_token_cache(cache_dir, key) is None:
+        before_build(key)
     cache = get_token_cache(_KeptDocuments(corpus, keep_list), tokenizer, cache_dir, key, eos_id=eos_id,
                             info={"split": "train", "corpus": corpus.describe(), "filter_of": base.key,
                                   "filter": {**opts, "ref_id": ref_id}, "kept_docs": len(keep_list),
