@@ -11,6 +11,10 @@
   :class:`mom.errors.NonFiniteLossError` naming the step and the term; no checkpoint is written, the last
   good one stays) or ``skip`` (the batch makes no update; stop after ``max_consecutive_skips`` in a row).
   ``MoMLitModule.training_step`` asks :func:`handle_nonfinite` before logging and returning the loss.
+  ``stop`` costs no host synchronisation per step: the first non-finite step is recorded on the device and
+  read every ``check_every_n_steps`` steps (default: the trainer's logging interval), before every
+  checkpoint and at the end of training, so the run stops at most that many steps later and never saves
+  what followed. ``skip`` must decide before each update: one sync per step.
 """
 
 from __future__ import annotations
@@ -129,11 +133,70 @@ class ModelCheckpoint(_LightningModelCheckpoint):
 class NonFiniteGuard(Callback):
     """What a non-finite training loss does: ``action="stop"`` or ``"skip"`` (see the module doc)."""
 
-    def __init__(self, action: str = "stop", max_consecutive_skips: int = 20) -> None:
+    def __init__(self, action: str = "stop", max_consecutive_skips: int = 20,
+                 check_every_n_steps: int | None = None) -> None:
         self.action = action  # checked in setup: an error raised here would reach the user wrapped by Hydra
         self.max_consecutive_skips = int(max_consecutive_skips)
+        self.check_every_n_steps = check_every_n_steps
         self.skipped = 0
         self.consecutive = 0
+        self._names: list[str] | None = None  # stop: the loss terms, and on the device the first bad step
+        self._first: torch.Tensor | None = None  # (-1: none yet) and its term values
+        self._values: torch.Tensor | None = None
+
+    # ---------------------------------------------------------------- stop: recorded on the device
+    def record(self, res: dict[str, Any], step: int) -> None:
+        """Remember the first step whose loss terms are not all finite, with device ops only."""
+        aux = res.get("aux_losses") or {}
+        names = ["lm_loss", *aux, "loss"]
+        terms = [res.get("lm_loss"), *aux.values(), res.get("loss")]
+        if not all(torch.is_tensor(t) and t.numel() == 1 for t in terms):
+            return
+        if names != self._names and self._first is not None:  # another set of terms: settle the old one
+            self._check(None)
+        v = torch.stack([t.detach().float().reshape(()) for t in terms])
+        if names != self._names or self._first is None:
+            self._names = names
+            self._first = torch.full((), -1, dtype=torch.long, device=v.device)
+            self._values = torch.zeros_like(v)
+        new = torch.isfinite(v).all().logical_not_() & (self._first < 0)
+        self._first = torch.where(new, step, self._first)
+        self._values = torch.where(new, v, self._values)
+
+    def _check(self, trainer: L.Trainer | None) -> None:
+        """The host sync: raise NonFiniteLossError if a recorded step (on any process) was non-finite."""
+        if self.action != "stop" or self._first is None:
+            return
+        first = int(self._first)
+        bad = first >= 0
+        if trainer is not None and trainer.world_size > 1:
+            bad_anywhere = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        else:
+            bad_anywhere = bad
+        if not bad_anywhere:
+            return
+        if bad:
+            vals = [torch.tensor(x) for x in self._values.tolist()]
+            res = {"lm_loss": vals[0], "aux_losses": dict(zip(self._names[1:-1], vals[1:-1], strict=True)),
+                   "loss": vals[-1]}
+            where, what = f"step {first + 1}", _describe(res, nonfinite_terms(res))
+        else:
+            step = trainer.global_step if trainer is not None else "?"
+            where, what = f"step {step} or before", "loss on another process"
+        raise NonFiniteLossError(f"training stopped at {where}: non-finite {what}{_last_ckpt(trainer)}; "
+                                 "callbacks.nonfinite.action=skip skips such batches instead")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        every = self.check_every_n_steps or trainer.log_every_n_steps or 1
+        if trainer.global_step % every == 0:
+            self._check(trainer)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._check(trainer)  # raising here writes nothing: the last good checkpoint stays
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.action not in ("stop", "skip"):
@@ -188,9 +251,14 @@ def _describe(res: dict[str, Any], terms: list[str]) -> str:
 def handle_nonfinite(module: L.LightningModule, res: dict[str, Any]) -> bool:
     """Check a training step's loss: True means skip this batch (return None from training_step); raises
     :class:`NonFiniteLossError` when the policy is ``stop``; False when the loss is finite."""
+    trainer = module._trainer  # None outside a Trainer
+    if trainer is not None:
+        guard = next((c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)), None)
+        if guard is not None and guard.action == "stop":  # no host sync here: see NonFiniteGuard
+            guard.record(res, trainer.global_step)
+            return False
     loss = res.get("loss")
     finite = bool(torch.isfinite(loss.detach()).all()) if torch.is_tensor(loss) else True
-    trainer = module._trainer  # None outside a Trainer
     if trainer is not None and trainer.world_size > 1:  # every rank takes the same decision
         finite = not trainer.strategy.reduce_boolean_decision(not finite, all=False)
     guard = None
@@ -216,6 +284,8 @@ def handle_nonfinite(module: L.LightningModule, res: dict[str, Any]) -> bool:
 
 
 def _last_ckpt(trainer: Any) -> str:
+    if trainer is None:
+        return ""
     cb = getattr(trainer, "checkpoint_callback", None)
     path = getattr(cb, "last_model_path", "") or getattr(cb, "best_model_path", "")
     return f"; last good checkpoint: {path}" if path else "; no checkpoint written yet"

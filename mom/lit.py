@@ -143,6 +143,10 @@ class MoMLitModule(L.LightningModule):
         if self.trainer.is_global_zero:
             log.info("parameters: %s", ", ".join(f"{k}={v:,.0f}" if v >= 100 else f"{k}={v:.3g}"
                                                   for k, v in flat.items()))
+            if self.device.type == "cuda":  # which Mamba kernels this run uses (README: "Mamba kernels")
+                from mom.model import kernels
+
+                log.info("CUDA kernels: %s", ", ".join(f"{k}: {v}" for k, v in kernels.status(self.device).items()))
         for logger in self.loggers:
             logger.log_hyperparams({f"params/{k}": v for k, v in flat.items()})
         self._t_last = None

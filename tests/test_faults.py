@@ -255,6 +255,38 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(compose, train_
     assert not (run / "model").exists()
 
 
+def test_nonfinite_stop_is_caught_at_the_checkpoint_without_a_sync_per_step(compose, train_fn, tmp_path,
+                                                                             monkeypatch):
+    """stop records non-finite steps on the device; with a check interval longer than the run, the check
+    before the step-4 checkpoint is what stops it (and that checkpoint is not written)."""
+    _inject_nan(monkeypatch, at_step=2, term="lm_loss")
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match="step 3: non-finite LM loss \\(lm_loss\\) = nan") as e:
+        train_fn(compose(tiny_overrides(run) + ["trainer.max_steps=6", "callbacks.nonfinite.check_every_n_steps=100"]))
+    assert "last.ckpt" in str(e.value)
+    assert load_checkpoint_file(run / "checkpoints" / "last.ckpt")["global_step"] == 2
+
+
+def test_nonfinite_stop_costs_no_host_sync_per_step():
+    from types import SimpleNamespace
+
+    from mom.callbacks import NonFiniteGuard, handle_nonfinite
+    from mom.model.opcount import OpCounter
+
+    guard = NonFiniteGuard("stop")
+    trainer = SimpleNamespace(callbacks=[guard], global_step=0, world_size=1, log_every_n_steps=50)
+    module = SimpleNamespace(_trainer=trainer)
+    ok = {"lm_loss": torch.tensor(2.0), "aux_losses": {"moe_balance": torch.tensor(1.0)}, "loss": torch.tensor(3.0)}
+    bad = {**ok, "aux_losses": {"moe_balance": torch.tensor(float("inf"))}, "loss": torch.tensor(float("inf"))}
+    with OpCounter() as c:
+        for step, res in enumerate([ok, ok, bad, ok]):
+            trainer.global_step = step
+            assert handle_nonfinite(module, res) is False
+    assert c.syncs == 0, c.sync_calls
+    with pytest.raises(NonFiniteLossError, match="step 3: non-finite aux loss moe_balance = inf"):
+        guard.on_train_end(trainer, module)
+
+
 def test_nonfinite_loss_skip(compose, train_fn, tmp_path, monkeypatch, caplog):
     _inject_nan(monkeypatch, at_step=2, term="lm_loss")
     run = tmp_path / "run"

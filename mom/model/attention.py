@@ -13,7 +13,15 @@ from torch import nn
 from mom.model.bitlinear import make_linear
 from mom.model.cache import AttentionState
 from mom.model.config import MoMConfig
-from mom.model.experts import expert_map, load_balance_loss, load_max, stable_top_k, want_aux, z_loss
+from mom.model.experts import (
+    expert_map,
+    load_balance_loss,
+    load_max,
+    plan_experts,
+    stable_top_k,
+    want_aux,
+    z_loss,
+)
 
 
 def with_cache(k, v, key_valid, state: AttentionState | None):
@@ -103,6 +111,8 @@ class MixtureOfAttention(nn.Module):
         flat = x.reshape(-1, d)
         logits, gates, top_i = self.route(flat)
         idx = top_i.flatten()  # (N*k,), slot-major inside each token
+        if flat.shape[0] * self.top_k > 4 or torch.is_grad_enabled():
+            idx = plan_experts(idx, self.num_experts)  # one plan (one host sync) for both projections
         q = expert_map(flat.repeat_interleave(self.top_k, 0), idx, self.q_proj)  # (N*k, Hkv*hd)
         q = q.view(B, T, self.top_k * self.num_kv_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)

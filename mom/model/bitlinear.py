@@ -190,9 +190,10 @@ class BitLinear(nn.Linear):
         if device is not None or dtype is not None:
             self.norm.to(device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
         # self.norm's math is fused into the function (same values as self.norm(x); see _BitLinearFn)
-        return _BitLinearFn.apply(x, self.norm.weight, self.norm.eps, self.weight, self.bias, _compute_dtype(x))
+        bias = self.bias if add_bias else None
+        return _BitLinearFn.apply(x, self.norm.weight, self.norm.eps, self.weight, bias, _compute_dtype(x))
 
     @torch.no_grad()
     def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:

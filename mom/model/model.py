@@ -90,11 +90,15 @@ class MoMBlock(nn.Module):
         router = self.mod_router
         if not self.is_attention:  # Mamba block: the mixer sees every token, MoD routes the feed-forward
             h = x + self._mix(x, token_mask, state, aux, stats)
-            if self.training:
-                _, weight, bce, selected = router.top_k(h, token_mask)
+            if self.training:  # the top-k tokens, gathered by index as in attention blocks (no host sync)
+                idx, weight, bce, selected = router.top_k(h, token_mask)
                 aux["mod_bce"] = [bce]
-            else:
-                selected, weight = router.threshold(h, token_mask)
+                gather = idx.unsqueeze(-1).expand(-1, -1, h.shape[-1])
+                upd = self._ffn(h.gather(1, gather), aux, stats)
+                upd = upd * weight.gather(1, idx).unsqueeze(-1).to(upd.dtype)
+                stats["mod_selected_frac"] = [selected.float().mean().detach()]
+                return h.scatter_add(1, gather, upd), aux, stats
+            selected, weight = router.threshold(h, token_mask)
             flat_h = h.reshape(-1, h.shape[-1])
             out = self._routed_update(h, selected, weight, lambda rows: self._ffn(flat_h[rows], aux, stats))
             stats["mod_selected_frac"] = [selected.float().mean().detach()]

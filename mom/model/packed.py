@@ -39,8 +39,9 @@ be copied, moved or pickled; the cache is keyed on the packed weight's storage a
     activations and {-1, 0, 1} weights, then ``* gamma / s`` in fp32. Inputs are exact, the output is rounded
     to bf16/fp16 (relative error ~1e-3/5e-4), so CUDA decoding is not bit-identical to fp32 BitLinear eval.
 
-Note on memory: the checkpoint holds 2 bits per weight; the resident oneDNN layout adds 1 byte per weight
-(built lazily on first use, never saved).
+Note on memory: the checkpoint holds 2 bits per weight; the kernel layout, built lazily on first use and never
+saved (``drop_kernel_cache()`` frees it), adds 1 byte per weight for ``onednn`` (int8) and 2 bytes for ``lowp`` (a
+bf16/fp16 copy): on CUDA a packed model takes as much memory as a bf16 one; the 2-bit form saves disk and load time.
 """
 
 from __future__ import annotations

@@ -20,18 +20,26 @@ Implementations (``impl``):
   an in-place ``addcmul_`` per step (no autograd graph). Only the chunk-start states are kept for backward;
   the backward recomputes each chunk's states and runs the adjoint recurrence in reverse time
   (``g_{t-1} += exp(dt_t*A) * g_t``), then forms every gradient with a few batched matmuls. Memory is
-  O(b*d*T*n) on top of the inputs, independent of the sequence length.
-* ``"cuda"``: mamba_ssm's CUDA kernel (needs mamba_ssm and CUDA tensors; it has no initial state, so with
-  ``initial_state`` this falls back to ``"fast"``). Raises ``RuntimeError`` when unavailable.
-* ``"auto"``: ``"cuda"`` when possible, else ``"fast"``; never fails on CPU.
+  O(b*d*T*n) on top of the inputs, independent of the sequence length. On GPUs (``parallel``, the default
+  off the CPU) each chunk's recurrences are solved in log2(chunk) rounds of a few whole-chunk ops
+  (Hillis-Steele) instead of one small op per step: a GPU without mamba-ssm is bound by kernel launches,
+  and this cuts them ~10x (tests/test_scan.py counts them); the CPU keeps the per-step form, which reads
+  the buffers once.
+* ``"cuda"``: mamba_ssm's CUDA kernel (needs mamba_ssm, a CUDA device and a successful probe call, see
+  ``mom.model.kernels``; it has no initial state, so with ``initial_state`` this falls back to ``"fast"``).
+  Raises ``RuntimeError`` when unavailable. The arguments are cast to the dtypes the kernel checks.
+* ``"auto"``: ``"cuda"`` when usable, else ``"fast"``; never fails.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
+
+from mom.model import kernels
 
 __all__ = [
     "selective_scan",
@@ -39,10 +47,16 @@ __all__ = [
     "selective_scan_fast",
     "selective_state_update",
     "mamba_ssm_available",
+    "step_reference",
 ]
 
 #: Time steps per chunk of the fast path (trades Python overhead against buffer size).
 CHUNK_SIZE = 16
+#: Most time steps per chunk of its log-depth form (GPUs): ~40 ops forward and ~100 backward per chunk,
+#: whatever its length, and 3-5 (chunk, b, d, n) fp32 buffers ...
+PARALLEL_CHUNK_SIZE = 256
+#: ... of at most this many bytes each (the chunk is shortened for large b * d * n).
+PARALLEL_BUFFER_BYTES = 256 * 2**20
 
 _F32 = torch.float32
 
@@ -51,36 +65,9 @@ def _acc(t: torch.Tensor) -> torch.dtype:
     """Accumulation dtype: float32, or float64 for float64 inputs (exactness tests without float noise)."""
     return torch.float64 if t.dtype == torch.float64 else _F32
 
-# --------------------------------------------------------------------------------------------------------
-# optional kernels
-# --------------------------------------------------------------------------------------------------------
-_CUDA_SCAN = None
-_CUDA_STEP = None
-_CUDA_CHECKED = False
-
-
-def _load_kernels():
-    global _CUDA_SCAN, _CUDA_STEP, _CUDA_CHECKED
-    if not _CUDA_CHECKED:
-        _CUDA_CHECKED = True
-        try:  # pragma: no cover - needs mamba_ssm
-            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-
-            _CUDA_SCAN = selective_scan_fn
-        except Exception:  # ImportError, or a broken build
-            _CUDA_SCAN = None
-        try:  # pragma: no cover - needs mamba_ssm + triton
-            from mamba_ssm.ops.triton.selective_state_update import selective_state_update as ssu
-
-            _CUDA_STEP = ssu
-        except Exception:
-            _CUDA_STEP = None
-    return _CUDA_SCAN, _CUDA_STEP
-
-
 def mamba_ssm_available() -> bool:
-    """True when mamba_ssm's selective_scan_fn can be imported (and CUDA exists)."""
-    return torch.cuda.is_available() and _load_kernels()[0] is not None
+    """True when mamba_ssm's selective scan is importable *and* passes its probe call on the CUDA device."""
+    return torch.cuda.is_available() and kernels.get("selective_scan", torch.device("cuda")) is not None
 
 
 def _no_autocast(device_type: str):
@@ -153,18 +140,43 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
 # --------------------------------------------------------------------------------------------------------
 # fast path
 # --------------------------------------------------------------------------------------------------------
-def _chunk_states(dt_t, u_t, B_t, Af, h0, s, e, dA_buf, hs_buf):
+def _recurrence_(x, P, reverse=False):
+    """Solve a linear recurrence in place along dim 0 in log2(T) rounds (Hillis-Steele), ~4 ops per round
+    instead of one per step: forward ``x_t += P_t * x_{t-1}`` (t = 1..T-1, P_0 unused), reverse
+    ``x_t += P_t * x_{t+1}`` (t = T-2..0, P_{T-1} unused). ``P`` holds the coefficients and is overwritten
+    (products of runs of them); entries never read at a later round may be left stale."""
+    T = x.shape[0]
+    k = 1
+    while k < T:
+        if reverse:
+            x[:-k] += P[:-k] * x[k:]
+            if 2 * k < T:
+                P[:-k].copy_(P[:-k] * P[k:])
+        else:
+            x[k:] += P[k:] * x[:-k]
+            if 2 * k < T:
+                P[k:].copy_(P[k:] * P[:-k])
+        k *= 2
+
+
+def _chunk_states(dt_t, u_t, B_t, Af, h0, s, e, dA_buf, hs_buf, P_buf=None):
     """States of steps s..e-1 written into the (chunk, b, d, n) work buffers; returns the (T, b, d, n) views
-    dA = exp(dt*A) and hs = the states."""
+    dA = exp(dt*A) and hs = the states. With ``P_buf`` (a third buffer) the recurrence runs in log-depth
+    rounds (few large ops: GPUs), else one in-place ``addcmul_`` per step (least memory traffic: CPUs)."""
     dts = dt_t[s:e]
     dA = dA_buf[: e - s]
     hs = hs_buf[: e - s]
     torch.mul(dts.unsqueeze(-1), Af, out=dA).exp_()
     torch.mul((dts * u_t[s:e]).unsqueeze(-1), B_t[s:e].unsqueeze(2), out=hs)
+    if h0 is not None:
+        hs[0].addcmul_(dA[0], h0)
+    if P_buf is not None:
+        P = P_buf[: e - s]
+        P.copy_(dA)
+        _recurrence_(hs, P)
+        return dA, hs
     hs_l = hs.unbind(0)
     dA_l = dA.unbind(0)
-    if h0 is not None:
-        hs_l[0].addcmul_(dA_l[0], h0)
     prev = hs_l[0]
     for t in range(1, e - s):
         cur = hs_l[t]
@@ -180,7 +192,7 @@ def _time_major(x):
 
 class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk, parallel):
         with _no_autocast(u.device.type):
             b, d, L = u.shape
             n = A.shape[1]
@@ -192,14 +204,15 @@ class _SelectiveScanFn(torch.autograd.Function):
             work = min(chunk, L)
             dA_buf = torch.empty((work, b, d, n), dtype=_acc(u), device=u.device)
             hs_buf = torch.empty_like(dA_buf)
+            P_buf = torch.empty_like(dA_buf) if parallel else None
             starts = []
             for s in range(0, L, chunk):
                 e = min(s + chunk, L)
                 starts.append(h)
-                _, hs = _chunk_states(dt_t, u_t, B_t, Af, h, s, e, dA_buf, hs_buf)
+                _, hs = _chunk_states(dt_t, u_t, B_t, Af, h, s, e, dA_buf, hs_buf, P_buf)
                 h = hs[-1].clone()
                 torch.sum(hs.mul_(C_t[s:e].unsqueeze(2)), dim=-1, out=ys[s:e])
-            del dA_buf, hs_buf, hs
+            del dA_buf, hs_buf, hs, P_buf
             y = ys.permute(1, 2, 0).contiguous()  # (b, d, l)
             del ys
             if D is not None:
@@ -221,7 +234,7 @@ class _SelectiveScanFn(torch.autograd.Function):
             ctx.has_h0 = initial_state is not None
             ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
             ctx.delta_softplus = delta_softplus
-            ctx.chunk = chunk
+            ctx.chunk, ctx.parallel = chunk, parallel
             ctx.set_materialize_grads(False)
         return y_out, last
 
@@ -266,6 +279,7 @@ class _SelectiveScanFn(torch.autograd.Function):
                 hs_buf = torch.empty_like(dA_buf)
                 tmp_buf = torch.empty_like(dA_buf)
                 G_buf = torch.empty_like(dA_buf) if need_g else None
+                P_buf = torch.empty_like(dA_buf) if ctx.parallel else None
                 carry_buf = torch.empty((b, d, n), dtype=_acc(u), device=u.device)
                 n_chunks = (L + chunk - 1) // chunk
                 for c in range(n_chunks - 1, -1, -1):
@@ -273,7 +287,7 @@ class _SelectiveScanFn(torch.autograd.Function):
                     e = min(s + chunk, L)
                     T = e - s
                     h0 = st[c] if (c > 0 or ctx.has_h0) else None
-                    dA, hs = _chunk_states(dt_t, u_t, B_t, Af, h0, s, e, dA_buf, hs_buf)
+                    dA, hs = _chunk_states(dt_t, u_t, B_t, Af, h0, s, e, dA_buf, hs_buf, P_buf)
                     tmp = tmp_buf[:T]
                     if gC_t is not None:
                         torch.sum(torch.mul(hs, gy_t[s:e].unsqueeze(-1), out=tmp), dim=2, out=gC_t[s:e])
@@ -281,20 +295,24 @@ class _SelectiveScanFn(torch.autograd.Function):
                         continue
                     # adjoint of the states: G_t = C_t gy_t + dA_{t+1} G_{t+1}
                     G = torch.mul(gy_t[s:e].unsqueeze(-1), C_t[s:e].unsqueeze(2), out=G_buf[:T])
-                    G_l = G.unbind(0)
-                    dA_l = dA.unbind(0)
                     if carry is not None:
-                        G_l[T - 1].add_(carry)
-                    for t in range(T - 2, -1, -1):
-                        G_l[t].addcmul_(dA_l[t + 1], G_l[t + 1])
-                    carry = torch.mul(dA_l[0], G_l[0], out=carry_buf)  # grad wrt the chunk's incoming state
+                        G[T - 1].add_(carry)
+                    if P_buf is not None and T > 1:
+                        P_buf[: T - 1].copy_(dA[1:])  # G_t += dA_{t+1} * G_{t+1}
+                        P_buf[T - 1].zero_()  # never a coefficient; defined so no stale NaN travels
+                        _recurrence_(G, P_buf[:T], reverse=True)
+                    else:
+                        G_l, dA_l = G.unbind(0), dA.unbind(0)
+                        for t in range(T - 2, -1, -1):
+                            G_l[t].addcmul_(dA_l[t + 1], G_l[t + 1])
+                        del G_l, dA_l
+                    carry = torch.mul(dA[0], G[0], out=carry_buf)  # grad wrt the chunk's incoming state
                     if gB_t is not None:
                         dtu = dt_t[s:e] * u_t[s:e]
                         torch.sum(torch.mul(G, dtu.unsqueeze(-1), out=tmp), dim=2, out=gB_t[s:e])
                     torch.sum(torch.mul(G, B_t[s:e].unsqueeze(2), out=tmp), dim=-1, out=sGB_t[s:e])
                     # X_t = G_t * dA_t * h_{t-1}   (grad wrt dt*A), built in place in dA
                     X = dA.mul_(G)
-                    del G_l, dA_l
                     if T > 1:
                         X[1:].mul_(hs[:-1])
                     if h0 is not None:
@@ -304,7 +322,7 @@ class _SelectiveScanFn(torch.autograd.Function):
                     if gAf is not None:
                         gAf.add_(torch.mul(X, dt_t[s:e].unsqueeze(-1), out=tmp).sum((0, 1)))
                     torch.sum(X.mul_(Af), dim=-1, out=gdt_t[s:e])
-                del dA_buf, hs_buf, tmp_buf, G_buf
+                del dA_buf, hs_buf, tmp_buf, G_buf, P_buf
 
                 if need_g:
                     if need[8] and ctx.has_h0:
@@ -337,36 +355,58 @@ class _SelectiveScanFn(torch.autograd.Function):
                 gD = gD.to(D.dtype)
             if gz is not None:
                 gz = gz.to(z.dtype)
-        return gu, gdelta, gA, gB, gC, gD, gz, gbias, gh0, None, None
+        return gu, gdelta, gA, gB, gC, gD, gz, gbias, gh0, None, None, None
 
 
 def selective_scan_fast(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                        initial_state=None, return_last_state=False, chunk_size=None):
-    """Chunked in-place scan with a hand-written backward (see the module docstring)."""
+                        initial_state=None, return_last_state=False, chunk_size=None, parallel=None):
+    """Chunked in-place scan with a hand-written backward (see the module docstring). ``parallel``: solve
+    each chunk's recurrence in log-depth rounds (default: on every device but the CPU)."""
     _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if parallel is None:
+        parallel = u.device.type != "cpu"
+    if chunk_size is None and parallel:
+        per_step = u.shape[0] * u.shape[1] * A.shape[1] * 4
+        chunk_size = max(CHUNK_SIZE, min(PARALLEL_CHUNK_SIZE, 2 ** int(math.log2(max(PARALLEL_BUFFER_BYTES // per_step, 1)))))
     chunk = int(chunk_size or CHUNK_SIZE)
     if chunk < 1:
         raise ValueError("chunk_size must be >= 1")
     y, last = _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
-                                     bool(delta_softplus), chunk)
+                                     bool(delta_softplus), chunk, bool(parallel))
     return (y, last) if return_last_state else y
 
 
 # --------------------------------------------------------------------------------------------------------
 # dispatch
 # --------------------------------------------------------------------------------------------------------
-def _cuda_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):  # pragma: no cover
-    fn = _load_kernels()[0]
-    out = fn(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
-             return_last_state=return_last_state)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernel_scan(fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    """mamba_ssm's selective_scan_fn with the argument dtypes its CUDA code checks (selective_scan.cpp):
+    delta, B, C and z in u's dtype, A, D and delta_bias float32. MoM's B and C come out of fp32 RMSNorms and,
+    under FSDP or a bf16 model, D and the dt bias are bf16: without these casts the kernel refuses them."""
+    low = u.dtype
+    out = fn(u, delta.to(low), A.float(), B.to(low), C.to(low),
+             D=D.float() if D is not None else None, z=z.to(low) if z is not None else None,
+             delta_bias=delta_bias.float() if delta_bias is not None else None,
+             delta_softplus=delta_softplus, return_last_state=return_last_state)
     if return_last_state:
         y, last = out
-        return y, last.to(_acc(last))
+        return y, last.float().contiguous()  # a view into the kernel's chunk states: do not keep those alive
     return out
 
 
-def _cuda_usable(*tensors) -> bool:
-    return _load_kernels()[0] is not None and all(t is None or t.is_cuda for t in tensors)
+def _scan_kernel(u, A, initial_state, return_last_state, tensors):
+    """mamba_ssm's scan when it can compute this call exactly, else None. It has no initial state, needs
+    dstate <= 256, and ignores the gradient of the last state (so not when that state may need one)."""
+    if initial_state is not None or u.dtype not in _KERNEL_DTYPES or A.shape[1] > 256:
+        return None
+    if return_last_state and torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return None
+    if any(t is not None and t.device != u.device for t in tensors):
+        return None
+    return kernels.get("selective_scan", u.device)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
@@ -382,16 +422,15 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         return selective_scan_fast(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                    initial_state, return_last_state)
     if impl in ("cuda", "auto"):
-        usable = _cuda_usable(u, delta, A, B, C, D, z, delta_bias)
-        if impl == "cuda" and not usable:
-            if _load_kernels()[0] is None:
-                why = "mamba_ssm is not importable (pip install 'mom[gpu]' on a CUDA machine)"
-            else:
-                why = "the tensors are not on a CUDA device"
+        _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
+        tensors = (u, delta, A, B, C, D, z, delta_bias)
+        fn = _scan_kernel(u, A, None, False, tensors)  # usable at all for these tensors?
+        if impl == "cuda" and fn is None:
+            why = kernels.why_unusable("selective_scan", u.device) if u.dtype in _KERNEL_DTYPES else \
+                f"dtype {u.dtype} is not supported by the kernel"
             raise RuntimeError(f"selective_scan(impl='cuda') is unavailable: {why}; use impl='auto' or 'fast'")
-        if usable and initial_state is None:
-            _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
-            return _cuda_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        if fn is not None and _scan_kernel(u, A, initial_state, return_last_state, tensors) is not None:
+            return _kernel_scan(fn, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
         return selective_scan_fast(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
                                    initial_state, return_last_state)
     raise ValueError(f"unknown selective_scan impl {impl!r}; expected auto, fast, reference or cuda")
@@ -403,7 +442,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """One recurrent step, updating ``state`` (b, d, n) in place; x, dt, z: (b, d); B, C: (b, n).
 
-    Returns y (b, d) in ``x.dtype``. Uses mamba_ssm's Triton kernel on CUDA when importable.
+    Returns y (b, d) in ``x.dtype``. Uses mamba_ssm's Triton kernel on CUDA when it is usable; it is given
+    a ``dt_bias`` always (its wrapper cannot take None: it unpacks the bias's strides).
     """
     b, d = x.shape
     if state.dim() != 3 or state.shape[:2] != (b, d):
@@ -412,9 +452,16 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
     if dt.shape != (b, d) or B.shape != (b, n) or C.shape != (b, n) or A.shape != (d, n):
         raise ValueError("selective_state_update: expected dt (b, d), A (d, n), B and C (b, n); got "
                          f"{tuple(dt.shape)}, {tuple(A.shape)}, {tuple(B.shape)}, {tuple(C.shape)}")
-    step = _load_kernels()[1]
-    if step is not None and state.is_cuda and x.is_cuda:  # pragma: no cover - needs CUDA
-        return step(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
+    if x.dtype in _KERNEL_DTYPES and state.dtype in _KERNEL_DTYPES:
+        step = kernels.get("selective_state_update", x.device)
+        if step is not None:
+            bias = dt_bias.float() if dt_bias is not None else torch.zeros(d, device=x.device)
+            return step(state, x, dt, A, B, C, D=D, z=z, dt_bias=bias, dt_softplus=dt_softplus)
+    return step_reference(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+def step_reference(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """PyTorch form of :func:`selective_state_update` (updates ``state`` in place, returns y in x.dtype)."""
     with _no_autocast(x.device.type):
         dtf = dt.to(_acc(dt))
         if dt_bias is not None:
@@ -434,3 +481,38 @@ def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, 
         if z is not None:
             y = y * F.silu(z.to(_acc(z)))
     return y.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------
+# probes of the kernels (mom.model.kernels): a tiny call checked against the code above
+# --------------------------------------------------------------------------------------------------------
+@kernels.probe("selective_scan")
+def _probe_scan(fn, device):
+    g = torch.Generator().manual_seed(0)
+    b, d, n, L = 1, 4, 4, 5
+    u, dt, z = (torch.randn(b, d, L, generator=g) for _ in range(3))
+    A = -torch.rand(d, n, generator=g) - 0.5
+    B, C = torch.randn(b, n, L, generator=g), torch.randn(b, n, L, generator=g)
+    D, bias = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    args = [t.to(device) for t in (u, dt, A, B, C, D, z, bias)]
+    y, last = fn(*args[:5], D=args[5], z=args[6], delta_bias=args[7], delta_softplus=True, return_last_state=True)
+    y_ref, last_ref = selective_scan_reference(u, dt, A, B, C, D, z, bias, True, return_last_state=True)
+    kernels.close(y, y_ref, "selective_scan_fn output")
+    kernels.close(last, last_ref, "selective_scan_fn last state")
+
+
+@kernels.probe("selective_state_update")
+def _probe_step(fn, device):
+    g = torch.Generator().manual_seed(0)
+    b, d, n = 2, 4, 4
+    state = torch.randn(b, d, n, generator=g)
+    x, dt, z = (torch.randn(b, d, generator=g) for _ in range(3))
+    A = -torch.rand(d, n, generator=g) - 0.5
+    B, C = torch.randn(b, n, generator=g), torch.randn(b, n, generator=g)
+    D, bias = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    s_dev = state.to(device, copy=True)
+    y = fn(s_dev, *(t.to(device) for t in (x, dt, A, B, C)), D=D.to(device), z=z.to(device),
+           dt_bias=bias.to(device), dt_softplus=True)
+    y_ref = step_reference(state, x, dt, A, B, C, D, z, bias, True)  # updates ``state`` in place
+    kernels.close(y, y_ref, "selective_state_update output")
+    kernels.close(s_dev, state, "selective_state_update state")
