@@ -148,6 +148,28 @@ class SlmSchema:
 
 
 @dataclass
+class HarnessSchema:
+    """lm-evaluation-harness tasks (``mom/harness/``): ``mom.eval``'s ``harness`` and ``mom.train``'s ``eval.harness``."""
+
+    tasks: list[str] = field(default_factory=list)  # empty: no harness run; e.g. [shakespeare_next_line, hellaswag]
+    num_fewshot: Optional[int] = None  # None: each task's default
+    limit: Optional[float] = None  # examples per task (a count, or a fraction when < 1); None: all
+    batch_size: int = 8
+    max_length: Optional[int] = None  # context in tokens; None: the model's max_position_embeddings
+    max_gen_toks: int = 256  # generate_until's default budget of new tokens
+    device: Optional[str] = None  # None: cuda when available (mom.train: the trainer's device)
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast)
+    include_path: Optional[str] = None  # more task folders (os.pathsep-separated)
+    bootstrap_iters: int = 1000  # bootstrap stderr of the metrics that need it (0: none)
+    seed: int = 1234
+
+
+@dataclass
+class EndOfTrainingEvalSchema:
+    harness: HarnessSchema = field(default_factory=HarnessSchema)
+
+
+@dataclass
 class ScoreConfig:
     """``python -m mom.score``: per-token reference losses of a data config's token caches."""
 
@@ -180,6 +202,7 @@ class TrainConfig:
     final_validate: bool = True  # run one more validation after fit so the printed metrics are final
     save_model: bool = True  # write <run>/model/ (save_pretrained + tokenizer.json)
     compile: bool = False  # torch.compile the model
+    eval: EndOfTrainingEvalSchema = field(default_factory=EndOfTrainingEvalSchema)  # after training (rank 0)
 
 
 @dataclass
@@ -191,6 +214,7 @@ class EvalConfig:
     max_seq_length: Optional[int] = None  # evaluation context; None: the model's max_position_embeddings
     batch_size: int = 8
     seed: int = 1337
+    harness: HarnessSchema = field(default_factory=HarnessSchema)  # tasks given: the harness instead of bpb
 
 
 @dataclass

@@ -12,6 +12,7 @@ The subclasses live next to the code that raises them:
 - :class:`mom.data.corpus.DataError`: unusable data (missing file, empty corpus, too few tokens)
 - :class:`mom.run_folder.RunFolderError`: a missing run or model folder, a tokenizer that is not the model's
 - :class:`mom.eval.EvalError`, :class:`mom.model.generation.GenerationError`, :class:`mom.export.ExportError`
+- :class:`mom.harness.HarnessError`: an unknown harness task, a missing ``eval`` extra, an unreachable dataset
 - :class:`CheckpointError` and :class:`NonFiniteLossError` (here: raised by several modules)
 
 This module imports nothing from the project, so any module can import it.

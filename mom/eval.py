@@ -15,6 +15,10 @@ accumulated by :class:`mom.metrics.LanguageModelMetrics`, the accumulator traini
 
 where ``bytes`` is the UTF-8 length of the scored target tokens. stdout gets a table and, as its last line,
 one JSON object (``loss``, ``perplexity``, ``bpb``, ``tokens``, ``bytes``, ...); logs go to stderr.
+
+With ``harness.tasks=[...]`` (config group ``harness``, :mod:`mom.harness`) the model runs those
+lm-evaluation-harness tasks instead: stdout gets the harness's table, then one JSON object
+``{task: {metric: value}}`` as its last line, and the results are merged into ``<run>/harness/``.
 :func:`evaluate` is the whole job as a plain function (tests call it in-process).
 """
 
@@ -70,8 +74,13 @@ def evaluate(cfg: Any, out=None) -> dict[str, Any]:
     """
     from mom.data.corpus import DataError
     from mom.data.datamodule import build_datamodule
+    from mom.harness.run import harness_options
 
     cfg = plain_options(cfg, EvalConfig)
+    if harness_options(cfg.get("harness"))["tasks"]:
+        from mom.harness.run import evaluate as evaluate_harness
+
+        return evaluate_harness(cfg, out=out)
     model_dir = resolve_model_dir(cfg.get("run_dir"), cfg.get("model_dir"), error=EvalError)
     model, tok = load_model_and_tokenizer(model_dir, error=EvalError)
     config = model.config

@@ -58,6 +58,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], Any], mode:
     return path
 
 
+def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Rename a temporary file that its writer has finished (and fsynced) to ``path``, then fsync the folder:
+    for files written piece by piece over a long time (token shards), where :func:`atomic_write`'s one
+    callback does not fit."""
+    os.replace(tmp, path)
+    fsync_dir(Path(path).parent)
+    return Path(path)
+
+
 def replace_dir(tmp: Path, target: Path) -> None:
     """Rename a finished temporary folder to ``target``, replacing an existing one (the old one is moved aside
     first and put back if the rename fails), then fsync the parent folder."""
@@ -76,4 +85,4 @@ def replace_dir(tmp: Path, target: Path) -> None:
     fsync_dir(target.parent)
 
 
-__all__ = ["atomic_write", "fsync_dir", "replace_dir"]
+__all__ = ["atomic_write", "fsync_dir", "publish", "replace_dir"]

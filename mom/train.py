@@ -130,6 +130,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     accelerator = resolve_accelerator(cfg.trainer.accelerator)
     check_optimizer(cfg.optimizer, accelerator)  # before any data or model work
     model_config(cfg.model, cfg.precision)  # ConfigError naming the key, before the tokenizer is trained
+    from mom.harness.run import harness_options
+
+    harness = harness_options((cfg.get("eval") or {}).get("harness"))
+    if harness["tasks"]:
+        from mom.harness.run import require_lm_eval
+
+        require_lm_eval()  # not after an hour of training
     if accelerator == "cuda":
         torch.set_float32_matmul_precision("high")
     L.seed_everything(cfg.seed, workers=True)
@@ -158,6 +165,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics.update(_scalars(trainer.callback_metrics))
     if cfg.save_model and not trainer.fast_dev_run:
         _save_model(trainer, lit, dm, run_dir / "model")
+    if harness.get("tasks") and not trainer.fast_dev_run:  # lm-evaluation-harness tasks (mom/harness/run.py)
+        from mom.harness.run import after_training
+
+        metrics.update(after_training(harness, run_dir, trainer))
 
     metrics["step"] = float(trainer.global_step)
     if trainer.is_global_zero:

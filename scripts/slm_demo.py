@@ -31,7 +31,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "callbacks.rich_progress_bar=null"]
-CLEAN_SUBSET = ["data.noise.plays=3", "data.noise.doc_frac=0.0", "data.noise.background=0.0"]
+CLEAN_SUBSET = ["data.source.plays=3", "data.source.doc_frac=0.0", "data.source.background=0.0"]
 
 
 def _last(run_dir: Path, key: str) -> float | None:

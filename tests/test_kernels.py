@@ -91,16 +91,28 @@ def test_ternary_mamba_through_the_kernels(monkeypatch):
 # ------------------------------------------------------------------------------ problem 2: decoding
 @pytest.mark.parametrize("dtype,prompt_len", [(torch.float32, 5), (torch.float32, 2), (torch.bfloat16, 5)])
 def test_generation_through_the_kernels(monkeypatch, dtype, prompt_len):
+    """MambaMixer's cached path (prefill forward + one-token steps, mom.model.generation)."""
+    from mom.model.generation import generate
+
     model = tiny().to(dtype).eval()
     prompt = IDS[:, :prompt_len]  # 2: shorter than the conv window, whose state the prefill pads
-    want = model.generate(prompt, max_new_tokens=6, use_cache=False)
+    want = generate(model, prompt, max_new_tokens=6, use_cache=False)
     calls = ks.install(monkeypatch)
-    got = model.generate(prompt, max_new_tokens=6)
+    got = generate(model, prompt, max_new_tokens=6)
     assert calls["selective_state_update"] >= 5 and calls["causal_conv1d_update"] >= 5
     assert calls["causal_conv1d"] >= 2 and calls["selective_scan"] >= 2  # the prefill too
     if dtype == torch.float32:  # bf16 rounding may flip a near-tie; fp32 must agree token for token
         assert torch.equal(got, want)
     assert got.shape == want.shape
+
+
+def test_engine_decoding_through_the_step_kernel(monkeypatch):
+    """mom.infer's engine (model.generate) in bf16 calls mom.model.scan.selective_state_update, which
+    always hands the Triton wrapper a dt_bias (here zeros: the engine folds the bias into dt)."""
+    model = tiny().to(torch.bfloat16).eval()
+    calls = ks.install(monkeypatch)
+    out = model.generate(IDS[:, :5], max_new_tokens=6)
+    assert calls["selective_state_update"] >= 5 and out.shape == (2, 11)
 
 
 # ------------------------------------------------------------------------------ problem 3: usable, not importable

@@ -19,8 +19,8 @@ import torch
 from tests.helpers.overrides import TINY_RUN, small_model_overrides
 
 SEQ = 32
-NOISY = ["data.noise.first_play=0", "data.noise.plays=1", "data.noise.max_docs=40"]
-CLEAN_REF = ["data.noise.first_play=1", "data.noise.plays=1", "data.noise.doc_frac=0.0", "data.noise.background=0.0"]
+NOISY = ["data.source.first_play=0", "data.source.plays=1", "data.source.max_docs=40"]
+CLEAN_REF = ["data.source.first_play=1", "data.source.plays=1", "data.source.doc_frac=0.0", "data.source.background=0.0"]
 
 
 def _run_overrides(run_dir: Path, extra: list[str]) -> list[str]:

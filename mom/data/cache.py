@@ -1,23 +1,22 @@
-"""Token caches and packed sequences.
+"""Token caches: the token shards of each split of a prepared corpus, and packed windows over them.
 
-A split is tokenised once into ``<cache_dir>/tokens/<key>.bin`` (raw uint16 when the vocabulary fits,
-else uint32, read back as a ``numpy.memmap``), ``<key>.docs.npy`` (int64 start offset of each document)
-and ``<key>.json`` (metadata: n_tokens, n_bytes of the text tokenised, n_docs, dtype, the key's inputs).
-The JSON is written last and every file goes through :func:`mom.files.atomic_write`, so a cache is
-either complete or absent; concurrent builders just both write the same bytes.
+A corpus is tokenised once (:mod:`mom.data.prepare`: parallel, resumable, bounded memory) into
+``<cache_dir>/tokens/<prep key>/<split>-NNNNN.bin`` shards; each split then gets ``<cache_dir>/tokens/<key>.json``
+(the split's metadata and shard list), written last, so a split's cache is either complete or absent. The
+split's tokens are read back as one stream (:class:`ShardedTokens`: the shards memory-mapped, concatenated).
 
-The key hashes the corpus identity (file content hashes, or Hub name + revision + limits), the split,
-the tokenizer's JSON and the packing settings (EOS between documents, format version). It does **not**
-hold ``seq_len``: windows are views of the token stream, so one tokenisation serves every sequence
-length. :attr:`PackedSequences.key` adds ``seq_len`` for things stored per window (e.g. Rho-1
-reference losses).
+The prep key hashes the corpus identity (file content hashes, or Hub name + revision, plus limits and split
+settings), the tokenizer's JSON and the packing settings (EOS between documents, format version); a split's
+key adds the split. Neither holds ``seq_len``: windows are views of the token stream, so one tokenisation
+serves every sequence length. :attr:`PackedSequences.key` adds ``seq_len`` for things stored per window
+(e.g. Rho-1 reference losses). Preparation settings that cannot change the tokens (workers, shard size) are
+not in the key either.
 
-Packing: documents joined with EOS between them (not after the last, as in the quality.py anchor).
-Window ``i`` is ``tokens[i*(T-1) : i*(T-1)+T]`` with ``T = seq_len``: consecutive windows share one
-boundary token. The model shifts labels inside (labels = input_ids), so a window scores T-1 targets and
-with this stride every token after the first is a target exactly once: validation over all windows is
-the whole split, as in quality.py (non-overlapping windows of T would leave every T-th token unscored).
-The last partial window is dropped.
+Packing: documents joined with EOS between them (not after the last, as in the quality anchor). Window ``i``
+is ``tokens[i*(T-1) : i*(T-1)+T]`` with ``T = seq_len``: consecutive windows share one boundary token. The
+model shifts labels inside (labels = input_ids), so a window scores T-1 targets and with this stride every
+token after the first is a target exactly once: validation over all windows is the whole split (non-
+overlapping windows of T would leave every T-th token unscored). The last partial window is dropped.
 """
 
 from __future__ import annotations
@@ -25,8 +24,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,10 @@ import torch
 from tokenizers import Tokenizer
 
 from mom.data.corpus import DataError, stable_hash
+from mom.data.prepare import FORMAT_VERSION, prepare_shards, token_dtype
 from mom.files import atomic_write
+
+CACHE_VERSION = FORMAT_VERSION
 
 
 def open_array(path: str | os.PathLike, dtype: Any, n: int) -> np.ndarray:
@@ -46,23 +48,77 @@ def open_array(path: str | os.PathLike, dtype: Any, n: int) -> np.ndarray:
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
 
-CACHE_VERSION = 1
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
 
 def cache_key(corpus_identity: dict, split: str, tok_hash: str, settings: dict | None = None) -> str:
-    return stable_hash(
-        {
-            "version": CACHE_VERSION,
-            "corpus": corpus_identity,
-            "split": split,
-            "tokenizer": tok_hash,
-            "settings": settings or {},
-        }
-    )[:24]
+    """The key of one split's tokens (see the module doc)."""
+    return stable_hash({"prep": prep_key(corpus_identity, tok_hash, settings), "split": split})[:24]
+
+
+def prep_key(corpus_identity: dict, tok_hash: str, settings: dict | None = None) -> str:
+    return stable_hash({"version": CACHE_VERSION, "corpus": corpus_identity, "tokenizer": tok_hash,
+                        "settings": settings or {}})[:24]
+
+
+class ShardedTokens:
+    """The token stream of a split: its shards memory-mapped and read as one 1-D array (``len``, integer and
+    slice indexing, ``np.asarray``). Picklable for DataLoader workers: each process maps the files itself."""
+
+    def __init__(self, paths: list[Path], counts: list[int], dtype: str):
+        self.paths, self.counts, self.dtype = list(paths), [int(c) for c in counts], np.dtype(dtype)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        self._maps: list[np.ndarray] | None = None
+
+    def _arrays(self) -> list[np.ndarray]:
+        if self._maps is None:
+            self._maps = [open_array(p, self.dtype, n) for p, n in zip(self.paths, self.counts, strict=True)]
+        return self._maps
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (len(self),)
+
+    def __getitem__(self, key):
+        n = len(self)
+        if isinstance(key, slice):
+            start, stop, step = key.indices(n)
+            if step != 1:
+                return self[start:stop][::step]
+            return self.read(start, stop)
+        i = int(key)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(key)
+        return self.read(i, i + 1)[0]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """tokens[start:stop]: a view when it lies in one shard, else a copy across shards."""
+        if stop <= start:
+            return np.zeros(0, dtype=self.dtype)
+        arrays = self._arrays()
+        k = int(np.searchsorted(self.starts, start, side="right")) - 1
+        s0 = int(self.starts[k])
+        if stop <= self.starts[k + 1]:
+            return arrays[k][start - s0 : stop - s0]
+        parts = []
+        while start < stop:
+            s0, s1 = int(self.starts[k]), int(self.starts[k + 1])
+            parts.append(arrays[k][start - s0 : min(stop, s1) - s0])
+            start = min(stop, s1)
+            k += 1
+        return np.concatenate(parts)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.read(0, len(self))
+        return np.array(out, dtype=dtype) if dtype is not None else np.array(out)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_maps"] = None
+        return state
 
 
 @dataclass
@@ -73,18 +129,19 @@ class TokenCache:
     dir: Path
     meta: dict[str, Any]
     built: bool = False
+    _tokens: ShardedTokens | None = field(default=None, repr=False)
 
     @property
-    def bin_path(self) -> Path:
-        return self.dir / f"{self.key}.bin"
+    def folder(self) -> Path:
+        return self.dir / self.meta["folder"]
 
     @property
     def meta_path(self) -> Path:
         return self.dir / f"{self.key}.json"
 
     @property
-    def docs_path(self) -> Path:
-        return self.dir / f"{self.key}.docs.npy"
+    def shard_paths(self) -> list[Path]:
+        return [self.folder / s["file"] for s in self.meta["shards"]]
 
     @property
     def n_tokens(self) -> int:
@@ -99,19 +156,25 @@ class TokenCache:
         return int(self.meta["n_docs"])
 
     @property
-    def tokens(self) -> np.ndarray:
+    def tokens(self) -> ShardedTokens:
         """The token stream, memory-mapped read-only (opened on first use)."""
-        if getattr(self, "_tokens", None) is None:
-            self._tokens = open_array(self.bin_path, self.meta["dtype"], self.n_tokens)
+        if self._tokens is None:
+            self._tokens = ShardedTokens(self.shard_paths, [s["n_tokens"] for s in self.meta["shards"]],
+                                         self.meta["dtype"])
         return self._tokens
 
     @property
     def doc_offsets(self) -> np.ndarray:
-        return np.load(self.docs_path)
+        """int64 start of every document in the split's token stream."""
+        parts, base = [], 0
+        for s in self.meta["shards"]:
+            parts.append(np.load(self.folder / s["file"].replace(".bin", ".docs.npy")) + base)
+            base += int(s["n_tokens"])
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
-    def __getstate__(self):  # picklable for DataLoader workers: reopen the memmap there
+    def __getstate__(self):  # picklable for DataLoader workers: reopen the memmaps there
         state = self.__dict__.copy()
-        state.pop("_tokens", None)
+        state["_tokens"] = None
         return state
 
 
@@ -126,85 +189,58 @@ def load_token_cache(cache_dir: str | os.PathLike, key: str) -> TokenCache | Non
     except (OSError, json.JSONDecodeError):
         return None
     cache = TokenCache(key, d, meta)
-    size = cache.n_tokens * np.dtype(meta["dtype"]).itemsize
-    if not cache.bin_path.is_file() or cache.bin_path.stat().st_size != size or not cache.docs_path.is_file():
-        return None
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for s, p in zip(meta.get("shards", []), cache.shard_paths, strict=True):
+        if not p.is_file() or p.stat().st_size != int(s["n_tokens"]) * itemsize:
+            return None
     return cache
 
 
-def build_token_cache(
-    texts: Iterable[str],
+def build_token_caches(
+    stream: Callable[[], Iterable[tuple[str, str]]],
     tokenizer: Tokenizer,
     cache_dir: str | os.PathLike,
-    key: str,
+    keys: dict[str, str],
+    folder: str,
     *,
     eos_id: int,
     info: dict | None = None,
-    chunk_docs: int = 256,
-) -> TokenCache:
-    """Tokenise ``texts`` (EOS between documents) into the cache ``key``, atomically."""
+    num_proc: int = 0,
+    shard_bytes: int = 64 << 20,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, TokenCache]:
+    """Tokenise ``stream()`` (pairs of split, text) into the caches ``keys`` ({split: key}) at once."""
     d = Path(cache_dir) / "tokens"
-    d.mkdir(parents=True, exist_ok=True)
-    dtype = token_dtype(tokenizer.get_vocab_size(with_added_tokens=True))
-    final_bin = d / f"{key}.bin"
     t0 = time.perf_counter()
-    n_tokens = n_bytes = 0
-    offsets: list[int] = []
-    eos = np.array([eos_id], dtype=dtype)
-    def write_tokens(f) -> None:
-        chunk: list[str] = []
-
-        def flush():
-            nonlocal n_tokens, n_bytes
-            for enc in tokenizer.encode_batch(chunk, add_special_tokens=False):
-                if offsets:
-                    f.write(eos.tobytes())
-                    n_tokens += 1
-                offsets.append(n_tokens)
-                ids = np.asarray(enc.ids, dtype=np.int64)
-                f.write(ids.astype(dtype).tobytes())
-                n_tokens += len(ids)
-            n_bytes += sum(len(t.encode("utf-8")) for t in chunk)
-            chunk.clear()
-
-        for text in texts:
-            chunk.append(text)
-            if len(chunk) >= chunk_docs:
-                flush()
-        if chunk:
-            flush()
-
-    atomic_write(final_bin, write_tokens)
-    atomic_write(d / f"{key}.docs.npy", lambda f: np.save(f, np.asarray(offsets, dtype=np.int64)))
-    meta = {
-        "version": CACHE_VERSION,
-        "n_tokens": n_tokens,
-        "n_bytes": n_bytes,
-        "n_docs": len(offsets),
-        "dtype": dtype.name,
-        "eos_id": eos_id,
-        "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
-        "tokenize_s": round(time.perf_counter() - t0, 3),
-        **(info or {}),
-    }
-    atomic_write(d / f"{key}.json", lambda f: f.write(json.dumps(meta, indent=1, default=str).encode()))
-    return TokenCache(key, d, meta, built=True)
+    out = prepare_shards(stream, tokenizer, d / folder, eos_id=eos_id, splits=tuple(keys), num_proc=num_proc,
+                         shard_bytes=shard_bytes, log=log)
+    caches = {}
+    for split, key in keys.items():
+        meta = {"version": CACHE_VERSION, **out[split], "tokenize_s": round(time.perf_counter() - t0, 3),
+                "split": split, **(info or {})}
+        atomic_write(d / f"{key}.json", lambda f, meta=meta: f.write(json.dumps(meta, indent=1, default=str)),
+                     mode="w")
+        caches[split] = TokenCache(key, d, meta, built=True)
+    (d / folder / "progress.json").unlink(missing_ok=True)
+    return caches
 
 
 def get_token_cache(
-    texts_fn,
+    texts_fn: Callable[[], Iterable[str]],
     tokenizer: Tokenizer,
     cache_dir: str | os.PathLike,
     key: str,
     *,
     eos_id: int,
     info: dict | None = None,
+    num_proc: int = 0,
 ) -> TokenCache:
-    """The cache ``key``, built from ``texts_fn()`` only when it is not there yet."""
+    """One split's cache ``key``, tokenised from ``texts_fn()`` only when it is not there yet."""
     cache = load_token_cache(cache_dir, key)
     if cache is not None:
         return cache
-    return build_token_cache(texts_fn(), tokenizer, cache_dir, key, eos_id=eos_id, info=info)
+    return build_token_caches(lambda: (("train", t) for t in texts_fn()), tokenizer, cache_dir, {"train": key},
+                              key, eos_id=eos_id, info=info, num_proc=num_proc)["train"]
 
 
 class PackedSequences(torch.utils.data.Dataset):
@@ -247,5 +283,9 @@ class PackedSequences(torch.utils.data.Dataset):
         if not 0 <= i < self.n_windows:
             raise IndexError(i)
         s = i * self.stride
-        ids = torch.from_numpy(self.cache.tokens[s : s + self.seq_len].astype(np.int64))
+        ids = torch.from_numpy(self.cache.tokens.read(s, s + self.seq_len).astype(np.int64))
         return {"input_ids": ids, "labels": ids.clone(), "index": torch.tensor(i, dtype=torch.long)}
+
+
+__all__ = ["PackedSequences", "ShardedTokens", "TokenCache", "build_token_caches", "cache_key",
+           "get_token_cache", "load_token_cache", "open_array", "prep_key", "token_dtype"]

@@ -71,12 +71,7 @@ def filtered_cache(base: TokenCache, corpus: Corpus, tokenizer, cache_dir: Path,
     key = stable_hash({"base": base.key, "ref_id": ref_id, "seq_len": seq_len,
                        "min_quantile": opts["min_quantile"], "max_quantile": opts["max_quantile"]})[:24]
     keep_list = keep.tolist()
-
-    def texts():
-        train = corpus.split("train")
-        return (train[i]["text"] for i in keep_list)
-
-    cache = get_token_cache(texts, tokenizer, cache_dir, key, eos_id=eos_id,
+    cache = get_token_cache(_KeptDocuments(corpus, keep_list), tokenizer, cache_dir, key, eos_id=eos_id,
                             info={"split": "train", "corpus": corpus.describe(), "filter_of": base.key,
                                   "filter": {**opts, "ref_id": ref_id}, "kept_docs": len(keep_list),
                                   "of_docs": base.n_docs})
@@ -84,6 +79,16 @@ def filtered_cache(base: TokenCache, corpus: Corpus, tokenizer, cache_dir: Path,
              "[%.2f, %.2f]", len(keep_list), base.n_docs, f"{cache.n_tokens:,}", f"{base.n_tokens:,}",
              opts["min_quantile"], opts["max_quantile"])
     return cache
+
+
+class _KeptDocuments:
+    """The train documents at the kept indices, streamed (a callable, so it can be re-read to resume)."""
+
+    def __init__(self, corpus: Corpus, keep: list[int]):
+        self.corpus, self.keep = corpus, set(keep)
+
+    def __call__(self):
+        return (t for i, t in enumerate(self.corpus.documents("train")) if i in self.keep)
 
 
 __all__ = ["filter_options", "filtered_cache", "keep_documents"]

