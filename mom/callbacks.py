@@ -6,7 +6,10 @@
   DataLoader iterator seeds) never shift it, so a resumed run's steps see the same random numbers (dropout)
   as the uninterrupted run's. Lightning itself saves no RNG state.
 - :class:`ModelCheckpoint`: Lightning's ``ModelCheckpoint`` that also saves every ``every_n_train_steps`` steps *and*
-  every ``train_time_interval`` (whichever comes first; Lightning's own class accepts only one of them).
+  every ``train_time_interval`` (whichever comes first; Lightning's own class accepts only one of them), and
+  the last step when training ends by ``max_steps`` or ``max_time``.
+- :class:`StepProgressBar` (``callbacks.rich_progress_bar``): the rich progress bar counting the run's steps.
+- :class:`ModelSummary` (``callbacks.model_summary``): Lightning's module table without its FLOPs (always 0).
 - :class:`NonFiniteGuard` (``callbacks.nonfinite``): what a non-finite loss does: ``action: stop`` (raise
   :class:`mom.errors.NonFiniteLossError` naming the step and the term; no checkpoint is written, the last
   good one stays) or ``skip`` (the batch makes no update; stop after ``max_consecutive_skips`` in a row).
@@ -28,8 +31,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.callbacks import ModelCheckpoint as _LightningModelCheckpoint
+from lightning.pytorch.callbacks import ModelSummary as _LightningModelSummary
 
 from mom.errors import NonFiniteLossError
 
@@ -127,6 +131,63 @@ class ModelCheckpoint(_LightningModelCheckpoint):
                          train_time_interval=None if both else interval, **kwargs)
         if both:  # Lightning's trigger code handles both; only its argument check forbids the pair
             self._train_time_interval = interval
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Training ended by max_steps or max_time between two periodic saves: checkpoint the last step too,
+        so resuming a finished run retrains nothing. (A run stopped by an error keeps its last good one.)"""
+        if not self._should_skip_saving_checkpoint(trainer):
+            candidates = self._monitor_candidates(trainer)
+            if self._every_n_train_steps or self._train_time_interval is not None:
+                self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)
+
+
+class ModelSummary(_LightningModelSummary):
+    """Lightning's module table without its FLOPs column and "Total FLOPs" line: Lightning counts FLOPs only
+    for a module with an ``example_input_array`` and prints 0 otherwise. (The parameter line MoM logs at fit
+    start, from :func:`mom.model.summary.summary`, has the counts that matter: active, ternary, bytes.)"""
+
+    @staticmethod
+    def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
+                  model_size: float, total_training_modes: dict[str, int], total_flops: int,
+                  **summarize_kwargs: Any) -> None:
+        from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
+
+        columns = [c for c in summary_data if c[0] != "FLOPs"]
+        table = _format_summary_table(total_parameters, trainable_parameters, model_size, total_training_modes,
+                                      0, *columns)
+        log.info("\n%s", "\n".join(ln for ln in table.splitlines() if "Total Flops" not in ln))
+
+
+class StepProgressBar(RichProgressBar):
+    """Lightning's rich bar counting optimizer steps of the whole run when it is step-bound (``max_steps``):
+    ``step 400/420`` continues after a resume instead of restarting per epoch (``Epoch 0/-2``, ``83/19``)."""
+
+    def _by_steps(self) -> bool:
+        return self.trainer.max_steps is not None and self.trainer.max_steps > 0
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps if self._by_steps() else super().total_train_batches
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if not self._by_steps():
+            return super()._get_train_description(current_epoch)
+        return f"{'Training':{len(self.validation_description)}}"
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._by_steps() and self.train_progress_bar_id is not None:
+            return  # one bar for the whole run: no reset at an epoch boundary
+        super().on_train_epoch_start(trainer, pl_module)
+        if self._by_steps():
+            self._update(self.train_progress_bar_id, trainer.global_step)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._by_steps():
+            self._update(self.train_progress_bar_id, trainer.global_step)
 
 
 # ------------------------------------------------------------------------------------------------ non-finite

@@ -211,7 +211,7 @@ class EvalConfig:
     paths: PathsSchema = field(default_factory=PathsSchema)
     run_dir: Optional[str] = None  # a training run folder; its model/ is evaluated
     model_dir: Optional[str] = None  # a model folder directly (config.json, model.safetensors, tokenizer.json)
-    max_seq_length: Optional[int] = None  # evaluation context; None: the model's max_position_embeddings
+    max_seq_length: Optional[int] = None  # evaluation context; None: the run's training context (data.seq_len)
     batch_size: int = 8
     seed: int = 1337
     harness: HarnessSchema = field(default_factory=HarnessSchema)  # tasks given: the harness instead of bpb
@@ -222,7 +222,7 @@ class GenerateConfig:
     paths: PathsSchema = field(default_factory=PathsSchema)
     run_dir: Optional[str] = None  # a training run folder; its model/ is loaded
     model_dir: Optional[str] = None  # or a model folder directly (e.g. <run_dir>/model-packed)
-    prompt: Any = ""  # a string, or a list of strings (decoded as a left-padded batch)
+    prompt: Any = ""  # as typed on the command line (mom/prompts.py); prompt=- stdin, prompt_file=PATH a file
     prompts: Optional[list[str]] = None  # several prompts (used instead of `prompt` when given)
     max_new_tokens: int = 128
     do_sample: bool = False

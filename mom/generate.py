@@ -5,7 +5,10 @@ stdout gets exactly the prompt and its continuation, followed by a newline, writ
 character split over several byte-level BPE tokens is printed once it is complete). Nothing else goes to
 stdout: logs and errors go to stderr, Hydra writes no run folder.
 
-Several prompts (``prompts=[a,b]`` or ``prompt=[a,b]``) are decoded as left-padded batches of ``batch_size``
+The prompt is taken exactly as typed (``prompt=What's in a name, Romeo?``; ``\\n`` is a newline), or read with
+``prompt=-`` (stdin) or ``prompt_file=PATH``: the command line's prompt arguments never go through Hydra's
+override grammar (:mod:`mom.prompts`). Several prompts (``prompt=a prompt=b``, a ``.jsonl`` prompt file, or
+``prompts=[a,b]`` in Hydra's list syntax) are decoded as left-padded batches of ``batch_size``
 with an attention mask; each greedy continuation equals the prompt decoded alone. A batch of one streams; a
 batch of several is written when it is done, its texts one after the other (each followed by a newline), so
 stdout then holds ``text_1\\n text_2\\n ...`` in prompt order.
@@ -132,11 +135,13 @@ def _streamer(streams: list[TextStream], done: list[bool], pieces: list[list[str
 
 
 @torch.no_grad()
-def generate_text(cfg: Any, out: TextIO | None = sys.stdout, model=None, tok=None) -> list[str]:
+def generate_text(cfg: Any, out: TextIO | None = sys.stdout, model=None, tok=None,
+                  prompts: list[str] | None = None) -> list[str]:
     """Generate a continuation of every prompt of ``cfg`` (a generate config: DictConfig or dict).
 
     Writes prompt + continuation + newline for each prompt to ``out`` (streamed for a batch of one) and
-    returns those texts (without the newline). ``model``/``tok`` skip loading (benchmarks, tests).
+    returns those texts (without the newline). ``model``/``tok`` skip loading (benchmarks, tests);
+    ``prompts`` (the command line's, as typed) replace the config's.
     """
     from mom.data.tokenizer import special_token_ids
 
@@ -145,7 +150,7 @@ def generate_text(cfg: Any, out: TextIO | None = sys.stdout, model=None, tok=Non
         model_dir = resolve_model_dir(cfg.get("run_dir"), cfg.get("model_dir"), error=GenerationError)
         model, tok = load_model_and_tokenizer(model_dir, error=GenerationError)
     config = model.config
-    prompts = prompt_list(cfg)
+    prompts = list(prompts) if prompts else prompt_list(cfg)
     encoded = encode_prompts(tok, prompts, config.max_position_embeddings)
     max_new = int(cfg["max_new_tokens"])
     if max_new < 0:
@@ -203,11 +208,18 @@ def generate_text(cfg: Any, out: TextIO | None = sys.stdout, model=None, tok=Non
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
 def main(cfg: DictConfig) -> None:
     setup_stderr_logging(logging.WARNING)
-    with one_line_errors():  # Ctrl-C too: the partly written line is ended, exit code 130
-        generate_text(cfg, out=sys.stdout)
+    from mom.prompts import prompts_from_args
 
+    with one_line_errors():  # Ctrl-C too: the partly written line is ended, exit code 130
+        generate_text(cfg, out=sys.stdout, prompts=prompts_from_args(_TYPED_PROMPTS) or None)
+
+
+# the command line's prompt=/prompt_file= arguments, taken out of sys.argv before Hydra parses it
+_TYPED_PROMPTS: list[tuple[str, str]] = []
 
 if __name__ == "__main__":
     from mom.cli import run_cli
+    from mom.prompts import take_prompt_args
 
+    sys.argv[1:], _TYPED_PROMPTS[:] = take_prompt_args(sys.argv[1:])
     run_cli(main, "generate")  # a config that does not compose: one line too

@@ -151,6 +151,12 @@ class MoMLitModule(L.LightningModule):
             logger.log_hyperparams({f"params/{k}": v for k, v in flat.items()})
         self._t_last = None
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["mom_tokens_seen"] = int(self._tokens_seen)  # train/tokens continues after a resume
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._tokens_seen = int(checkpoint.get("mom_tokens_seen", 0))
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         res = self.compute_loss(batch)
         from mom.callbacks import handle_nonfinite
@@ -170,10 +176,13 @@ class MoMLitModule(L.LightningModule):
             self.log(f"train/{name}", value, batch_size=bs)
         return res["loss"]
 
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # counted here, before the step's checkpoint (callbacks' on_train_batch_end) stores the count
+        self._tokens_seen += batch["input_ids"].numel() * self.trainer.world_size
+
     def on_train_batch_end(self, outputs: Any, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         now = time.perf_counter()
         tokens = batch["input_ids"].numel() * self.trainer.world_size
-        self._tokens_seen += tokens
         if self._t_last is not None:
             self.log("train/tokens_per_s", tokens / max(now - self._t_last, 1e-9), prog_bar=True)
         self.log("train/tokens", float(self._tokens_seen))
@@ -198,11 +207,13 @@ class MoMLitModule(L.LightningModule):
         self.val_metrics.reset()
         if m["tokens"] <= 0:
             return
+        # compute() already summed over every process (torchmetrics' sync on compute), so each rank holds the
+        # whole validation set's value; sync_dist=True averages those equal values and tells Lightning so
         loss = m["loss"].float()
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", torch.exp(loss.clamp_max(50.0)))
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", torch.exp(loss.clamp_max(50.0)), sync_dist=True)
         if m["bytes"] > 0:
-            self.log("val/bpb", m["bpb"].float(), prog_bar=True)
+            self.log("val/bpb", m["bpb"].float(), prog_bar=True, sync_dist=True)
 
     # ------------------------------------------------------------------ optimizers
     def configure_optimizers(self) -> dict[str, Any]:

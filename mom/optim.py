@@ -15,6 +15,7 @@ then cosine or linear decay to ``min_lr_ratio`` x lr at ``total_steps``, or cons
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -24,6 +25,8 @@ import torch
 from torch import nn
 
 from mom.model.config import ConfigError
+
+log = logging.getLogger("mom")
 
 OPTIMIZERS = ("adamw", "galore_adamw", "galore_adamw8bit")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -152,8 +155,11 @@ class WarmupDecay:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int
                     ) -> torch.optim.lr_scheduler.LambdaLR:
-    fn = WarmupDecay(_get(cfg, "name", "cosine"), int(_get(cfg, "warmup_steps", 0)),
-                     int(_get(cfg, "total_steps") or total_steps), float(_get(cfg, "min_lr_ratio", 0.0)))
+    warmup, total = int(_get(cfg, "warmup_steps", 0)), int(_get(cfg, "total_steps") or total_steps)
+    if 0 < total <= warmup:
+        log.warning("scheduler.warmup_steps=%d is not shorter than the run's %d steps: the learning rate never "
+                    "reaches optimizer.lr (lower scheduler.warmup_steps)", warmup, total)
+    fn = WarmupDecay(_get(cfg, "name", "cosine"), warmup, total, float(_get(cfg, "min_lr_ratio", 0.0)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +50,44 @@ def resolve_precision(precision: Any, accelerator: str) -> Any:
     return "32-true"
 
 
-def _instantiate_all(group: Any, run_dir: Path, task_name: str) -> list[Any]:
-    """Instantiate each ``_target_`` entry of a logger/callbacks dict (null entries are dropped)."""
+def check_accelerator(accelerator: str) -> None:
+    """A GPU asked for on a machine without one: one line, before any data or model work (Lightning would
+    end in a long MisconfigurationException traceback after the tokenizer is trained)."""
+    if accelerator == "cuda" and not torch.cuda.is_available():
+        from mom.model.config import ConfigError
+
+        raise ConfigError("trainer.accelerator: a GPU was asked for but torch sees no CUDA device on this machine; "
+                          "use trainer.accelerator=auto (or cpu), and a single-device trainer (not trainer=ddp/fsdp)")
+
+
+def log_device_choice(given: dict[str, Any], accelerator: str, precision: Any) -> None:
+    """One line saying what ``auto`` chose (rank zero only)."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank != 0 or "auto" not in (given.get("accelerator"), given.get("precision")):
+        return
+    gpu = torch.cuda.get_device_name(0) if accelerator == "cuda" else None
+    why = (f"{gpu}, bf16 {'supported' if precision == 'bf16-mixed' else 'not supported'}" if gpu
+           else "no CUDA GPU")
+    log.info("device: %s, precision: %s (trainer.accelerator=%s, trainer.precision=%s; %s)", accelerator,
+             precision, given.get("accelerator"), given.get("precision"), why)
+
+
+def checkpoint_step(ckpt_path: str | None) -> int | None:
+    """The ``global_step`` of a checkpoint file, read without loading its tensors (memory-mapped); None for
+    no checkpoint (a fresh start) or one that cannot be read here (Lightning reports it when it loads it)."""
+    if not ckpt_path or "://" in str(ckpt_path):
+        return None
+    try:
+        return int(torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
+    except Exception:  # noqa: BLE001 - a bad checkpoint gets its one-line error from SafeCheckpointIO
+        return None
+
+
+def _instantiate_all(group: Any, run_dir: Path, task_name: str, resume_step: int | None = None) -> list[Any]:
+    """Instantiate each ``_target_`` entry of a logger/callbacks dict (null entries are dropped). When the run
+    resumes from a checkpoint of step ``resume_step``, a wandb logger continues the run folder's previous wandb
+    run (same id) and TensorBoard drops the events logged after that step (``purge_step``)."""
     from hydra.utils import instantiate
 
     objs = []
@@ -67,29 +102,45 @@ def _instantiate_all(group: Any, run_dir: Path, task_name: str) -> list[Any]:
                 kwargs["offline"] = wandb_mode_offline()
             if node.get("name") is None:
                 kwargs["name"] = f"{task_name}-{run_dir.parent.name}-{run_dir.name}"
+            if resume_step is not None and node.get("id") is None:
+                from mom.loggers import previous_wandb_id
+
+                if (previous := previous_wandb_id(node.get("save_dir") or run_dir)) is not None:
+                    kwargs.update(id=previous, resume="allow")
+        if str(node._target_).endswith("TensorBoardLogger") and resume_step is not None:
+            kwargs.setdefault("purge_step", resume_step)  # steps the crashed run logged past its checkpoint
         objs.append(instantiate(node, **kwargs))
     return objs
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, **extra: Any):
-    """A ``lightning.Trainer`` from ``cfg.trainer`` plus the logger and callbacks groups."""
+def build_trainer(cfg: DictConfig, run_dir: Path, resume_step: int | None = None, **extra: Any):
+    """A ``lightning.Trainer`` from ``cfg.trainer`` plus the logger and callbacks groups (``resume_step``: the
+    step of the checkpoint the run continues from, for the loggers)."""
     import lightning as L
     from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import ProgressBar
+    from lightning.pytorch.callbacks import ModelSummary, ProgressBar
 
     targs = to_plain(cfg.trainer)
+    given = dict(targs)
     accelerator = resolve_accelerator(targs["accelerator"])
     targs["precision"] = resolve_precision(targs["precision"], accelerator)
+    if targs["accelerator"] == "auto":
+        targs["accelerator"] = accelerator  # what we resolved (Lightning's own auto would also pick e.g. MPS)
+    log_device_choice(given, accelerator, targs["precision"])
     if isinstance(targs["strategy"], dict):
         targs["strategy"] = instantiate(cfg.trainer.strategy)
-    loggers = _instantiate_all(cfg.logger, run_dir, cfg.task_name)
+    loggers = _instantiate_all(cfg.logger, run_dir, cfg.task_name, resume_step=resume_step)
     callbacks = _instantiate_all(cfg.callbacks, run_dir, cfg.task_name)
     if targs.get("enable_progress_bar") is False:
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if targs.get("enable_model_summary") is False:
+        callbacks = [c for c in callbacks if not isinstance(c, ModelSummary)]
     from mom.callbacks import RNGState
     from mom.checkpoint import SafeCheckpointIO
+    from mom.loggers import MetricsHistory
 
     callbacks.append(RNGState())  # RNG states in checkpoints (exact resume)
+    callbacks.append(MetricsHistory())  # metrics.csv kept whole over resumes, flushed with checkpoints
     if not any(isinstance(p, SafeCheckpointIO) for p in extra.get("plugins") or []):
         extra["plugins"] = [*(extra.get("plugins") or []), SafeCheckpointIO()]  # atomic, weights-only
     targs.update(extra)
@@ -117,17 +168,18 @@ def _save_model(trainer: Any, lit: Any, dm: Any, model_dir: Path) -> None:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job described by a composed ``train`` config; returns the final metrics."""
-    import lightning as L
+    import lightning as L  # before setup_train_logging: Lightning sets its logging up when imported
 
     from mom.data.datamodule import build_datamodule
     from mom.lit import MoMLitModule, parameter_summary
     from mom.optim import check_optimizer
+    from mom.run_folder import setup_train_logging
 
-    # the run dir always holds .hydra/ etc.; the CSV logger only replaces its own metrics.csv there
-    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+    setup_train_logging()  # one line per event; the advert and known-harmless warnings filtered
     run_dir = Path(cfg.paths.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = resolve_accelerator(cfg.trainer.accelerator)
+    check_accelerator(accelerator)
     check_optimizer(cfg.optimizer, accelerator)  # before any data or model work
     model_config(cfg.model, cfg.precision)  # ConfigError naming the key, before the tokenizer is trained
     from mom.harness.run import harness_options
@@ -153,7 +205,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_dir = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
     ckpt_path = resolve_ckpt_path(cfg.ckpt_path, ckpt_dir.get("dirpath") or run_dir / "checkpoints")
     expected = {k: tuple(v.shape) for k, v in lit.state_dict().items()}  # a resumed checkpoint must match
-    trainer = build_trainer(cfg, run_dir, plugins=[SafeCheckpointIO(expected_shapes=expected)])
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from mom.model.config import ConfigError
+
+    try:
+        trainer = build_trainer(cfg, run_dir, resume_step=checkpoint_step(ckpt_path),
+                                plugins=[SafeCheckpointIO(expected_shapes=expected)])
+    except MisconfigurationException as e:  # Lightning's refusal of a trainer setting: one line, not a traceback
+        raise ConfigError(f"trainer: {e}") from None
     if trainer.is_global_zero:
         (run_dir / "param_summary.json").write_text(json.dumps(parameter_summary(lit.model), indent=2, default=str))
 

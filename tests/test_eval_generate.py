@@ -65,6 +65,23 @@ def test_eval_json_and_bpb_consistency(run):
     assert abs(direct - last["loss"]) < 1e-4, (direct, last["loss"])
 
 
+def test_eval_scores_at_the_training_context_by_default(run, capsys, caplog):
+    """The model was trained on 32-token windows (its run's data.seq_len) with max_position_embeddings 64:
+    eval scores 32-token windows unless asked for more, and then says the model never saw that context."""
+    from mom.eval import evaluate
+    from mom.run_folder import trained_context
+
+    assert trained_context(run_dir=run) == trained_context(model_dir=run / "model") == 32
+    m = evaluate({"run_dir": str(run), "batch_size": 4})
+    assert m["seq_len"] == 32
+    assert "mom.eval" in capsys.readouterr().err  # the progress bar, on stderr
+    with caplog.at_level("WARNING", logger="mom.eval"):
+        longer = evaluate({"run_dir": str(run), "batch_size": 4, "max_seq_length": 64}, progress=False)
+    assert longer["seq_len"] == 64
+    assert "longer than the 32-token windows the model was trained on" in caplog.text
+    assert capsys.readouterr().err == ""
+
+
 def test_eval_refuses_tokenizer_of_another_vocab(run, tmp_path):
     import shutil
 
@@ -176,3 +193,47 @@ def test_generate_errors_in_process(run, tmp_path):
         generate_text(_cfg(run, model_dir=str(tmp_path / "nope"), prompt="x"), out=None)
     with pytest.raises(GenerationError, match="run_dir not found"):
         generate_text(_cfg(tmp_path / "nope", prompt="x"), out=None)
+
+
+# ----------------------------------------------------------------------------------------------- prompts as typed
+TYPED = ["Now is the winter of our discontent, made glorious summer", "What's in a name?",
+         'He said "to be", then: x=1 [a, b] {c} ${d}', r"ROMEO:\nJULIET:", "'Hydra-quoted, still fine'"]
+
+
+def test_prompt_args_are_taken_verbatim(tmp_path):
+    from mom.prompts import PromptError, prompts_from_args, take_prompt_args
+
+    rest, taken = take_prompt_args(["run_dir=r", *[f"prompt={p}" for p in TYPED], "+prompt_file=f.txt", "seed=1"])
+    assert rest == ["run_dir=r", "seed=1"]
+    assert [k for k, _ in taken] == ["prompt"] * len(TYPED) + ["prompt_file"]
+    (tmp_path / "p.txt").write_text("line one, with a comma\nline two\n")
+    (tmp_path / "p.jsonl").write_text('"first"\n{"prompt": "second, too"}\n\n{"text": "third"}\n')
+    got = prompts_from_args([("prompt", p) for p in TYPED] + [("prompt_file", str(tmp_path / "p.txt")),
+                                                               ("prompt_file", str(tmp_path / "p.jsonl")),
+                                                               ("prompt", "-")], stdin=io.StringIO("from stdin\n"))
+    assert got == [*TYPED[:3], "ROMEO:\nJULIET:", "Hydra-quoted, still fine", "line one, with a comma\nline two",
+                   "first", "second, too", "third", "from stdin"]
+    with pytest.raises(PromptError, match="prompt_file not found: .*nope.txt"):
+        prompts_from_args([("prompt_file", str(tmp_path / "nope.txt"))])
+    (tmp_path / "bad.jsonl").write_text("{oops\n")
+    with pytest.raises(PromptError, match=r"bad.jsonl:1: not a JSON line"):
+        prompts_from_args([("prompt_file", str(tmp_path / "bad.jsonl"))])
+
+
+@pytest.mark.slow
+def test_generate_cli_takes_prompts_as_typed(run, tmp_path):
+    """Commas, apostrophes, quotes, colons, =, brackets, ${..} and \\n on the command line, plus a prompt file
+    and stdin, all in one call: stdout is what generate_text gives for the same prompts."""
+    from mom.generate import generate_text
+
+    (tmp_path / "p.txt").write_text("the garden, at night\n")
+    prompts = [*TYPED[:3], "ROMEO:\nJULIET:", "the garden, at night", "from stdin"]
+    expected = generate_text(_cfg(run, max_new_tokens=3), out=None, prompts=prompts)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    argv = [sys.executable, "-m", "mom.generate", f"run_dir={run}", "max_new_tokens=3",
+            *[f"prompt={p}" for p in TYPED[:4]], f"prompt_file={tmp_path / 'p.txt'}", "prompt=-"]
+    p = subprocess.run(argv, input="from stdin\n", capture_output=True, text=True, cwd=work, timeout=120, env=ENV)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "".join(t + "\n" for t in expected)
+    assert all(t.startswith(q) for t, q in zip(expected, prompts, strict=True))

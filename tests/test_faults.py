@@ -56,6 +56,52 @@ def test_exact_resume_n_plus_n_equals_2n(compose, train_fn, tmp_path):
     diff = _max_diff(_weights(full), _weights(part))
     assert diff <= 1e-6, diff
     assert _max_diff(_weights(full), first_half) > 1e-3  # the second half did train
+    # one metrics.csv with the whole history: the rows of steps 0-3 kept, 4-7 appended, none twice
+    assert _history(part) == _history(full)
+
+
+def _history(run: Path) -> list[tuple]:
+    import csv
+
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [(int(r["step"]), r.get("train/loss"), r.get("train/tokens"), r.get("val/loss")) for r in rows
+            if r.get("train/loss") or r.get("val/loss")]
+
+
+def test_a_resumed_run_continues_its_wandb_and_tensorboard_runs(compose, tmp_path):
+    from mom.loggers import previous_wandb_id
+    from mom.train import _instantiate_all
+
+    run = tmp_path / "run"
+    for name in ("offline-run-20261129_080000-aaaa1111", "run-20261129_090000-bbbb2222"):
+        (run / "wandb" / name).mkdir(parents=True)
+    assert previous_wandb_id(run) == "bbbb2222"
+    cfg = compose(tiny_overrides(run) + ["logger=wandb"])
+    resumed = {type(lg).__name__: lg for lg in _instantiate_all(cfg.logger, run, "train", resume_step=6)}
+    assert resumed["WandbLogger"].version == "bbbb2222"
+    assert resumed["WandbLogger"]._wandb_init.get("resume") == "allow"
+    fresh = {type(lg).__name__: lg for lg in _instantiate_all(cfg.logger, run, "train")}
+    assert fresh["WandbLogger"].version != "bbbb2222"
+    tb = compose(tiny_overrides(run) + ["logger=tensorboard"])
+    tensorboard = {type(lg).__name__: lg for lg in _instantiate_all(tb.logger, run, "train", resume_step=6)}
+    assert Path(tensorboard["TensorBoardLogger"].log_dir) == run / "tensorboard"  # the same folder
+    assert tensorboard["TensorBoardLogger"]._kwargs.get("purge_step") == 6  # events after the checkpoint dropped
+
+
+def test_the_last_step_is_checkpointed_and_a_finished_run_resumes_at_its_end(compose, train_fn, tmp_path, caplog):
+    run = tmp_path / "run"
+    ovr = tiny_overrides(run) + ["trainer.max_steps=5", "callbacks.model_checkpoint.every_n_train_steps=2",
+                                 "final_validate=false"]
+    train_fn(compose(ovr))
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step0000005.ckpt"]
+    rows = _history(run)
+    with caplog.at_level("INFO", logger="mom"):
+        metrics = train_fn(compose(ovr + ["ckpt_path=last"]))
+    assert metrics["step"] == 5  # nothing retrained
+    assert f"resuming from step 5 ({run / 'checkpoints' / 'last.ckpt'})" in caplog.text
+    assert _history(run) == rows
 
 
 def test_ckpt_path_last_without_checkpoint_starts_fresh(tmp_path):
@@ -108,8 +154,12 @@ def test_sigkill_between_checkpoints_then_resume(python_env, tmp_path):
         res = subprocess.run(cmd(run, *extra), env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
         assert res.returncode == 0, res.stderr[-4000:]
         assert f"[mom.train] step {steps}" in res.stdout
+        if run == killed:
+            assert f"resuming from step {killed_at} ({last})" in res.stdout + res.stderr
     diff = _max_diff(_weights(full), _weights(killed))
     assert diff <= 1e-6, (killed_at, diff)
+    # the metrics of every checkpointed step were on disk before the kill: one whole history after the resume
+    assert _history(killed) == _history(full), killed_at
 
 
 # ------------------------------------------------------------------------------------------- checkpoint files

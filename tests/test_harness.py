@@ -177,8 +177,8 @@ def test_ppl_bits_per_byte_agree_with_mom_eval(compose, trained_run, tmp_path):
     (tmp_path / "play.txt").write_text(play, encoding="utf-8")
     harness = evaluate(compose(["run_dir=" + str(trained_run), "harness.tasks=[shakespeare_ppl]", "harness.limit=1",
                                 "harness.max_length=64", "harness.batch_size=32"], config_name="eval"))
-    ours = evaluate(compose(["run_dir=" + str(trained_run), "data=text", f"data.paths=[{tmp_path / 'play.txt'}]",
-                             f"data.val_paths=[{tmp_path / 'play.txt'}]", "max_seq_length=65", "batch_size=32"],
+    ours = evaluate(compose(["run_dir=" + str(trained_run), "data=text", f"data.source.paths=[{tmp_path / 'play.txt'}]",
+                             f"data.source.val_paths=[{tmp_path / 'play.txt'}]", "max_seq_length=65", "batch_size=32"],
                             config_name="eval"))
     assert set(harness["shakespeare_ppl"]) == {"word_perplexity", "byte_perplexity", "bits_per_byte"}
     bpb = harness["shakespeare_ppl"]["bits_per_byte"]

@@ -24,11 +24,35 @@ def _rows(run_dir: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_fast_dev_run_every_experiment(compose, train_fn, experiment, tmp_path):
-    cfg = compose(tiny_overrides(tmp_path, experiment) + ["trainer.fast_dev_run=2"])
-    metrics = train_fn(cfg)
-    assert metrics["step"] == 2
+def test_every_experiment_runs_one_step_here(compose, train_fn, experiment, tmp_path, caplog):
+    """Each experiment file as a user runs it on this machine: its own accelerator and precision (auto), the
+    offline corpus instead of a Hub dataset (`data=shakespeare`, whose own tokenizer settings then apply),
+    only the sizes shrunk."""
+    shrink = ["data.tokenizer.vocab_size=512", "data.seq_len=32", "data.batch_size=2", "data.val_batch_size=4",
+              "data.num_workers=0", "data.pin_memory=false", "trainer.max_time=null", "trainer.limit_val_batches=2",
+              "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
+              "trainer.enable_model_summary=false", "scheduler.warmup_steps=1"]  # not debug=fast: it sets cpu
+    offline = ["data=shakespeare"] if compose([f"experiment={experiment}", f"paths.run_dir={tmp_path}"]
+                                              ).data.source.type == "hub" else []
+    cfg = compose([f"experiment={experiment}", *offline, *small_model_overrides(), *shrink,
+                   "trainer.fast_dev_run=1", f"paths.run_dir={tmp_path}"])
+    assert cfg.data.tokenizer.name is None and cfg.trainer.accelerator == "auto", experiment
+    with caplog.at_level("INFO", logger="mom"):
+        metrics = train_fn(cfg)
+    assert metrics["step"] == 1
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    if not torch.cuda.is_available():
+        choice = [r.getMessage() for r in caplog.records if r.getMessage().startswith("device:")]
+        assert choice == ["device: cpu, precision: 32-true (trainer.accelerator=auto, trainer.precision=auto; "
+                          "no CUDA GPU)"], choice
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU error path")
+def test_a_gpu_trainer_without_a_gpu_is_one_line(compose, train_fn, tmp_path):
+    cfg = compose(tiny_overrides(tmp_path) + ["trainer.accelerator=gpu"])
+    with pytest.raises(ConfigError, match=r"^trainer.accelerator: a GPU was asked for .* use trainer.accelerator=auto"):
+        train_fn(cfg)
+    assert not (tmp_path / "tokenizer").exists()  # refused before any data work
 
 
 def test_train_writes_run_dir_metrics_and_model(compose, train_fn, tmp_path):
@@ -139,6 +163,27 @@ def test_ddp_cpu_two_processes(python_env, tmp_path):
 
 
 @pytest.mark.slow
+def test_ddp_cpu_two_processes_validate_like_one(python_env, compose, train_fn, tmp_path):
+    """2 gloo processes validating 3 batches each score the windows 1 process validating 6 does (the distributed
+    sampler interleaves the ranks); with the same weights (lr 0): val/loss, val/ppl and val/bpb
+    must be the whole set's, equal to the single process's, and Lightning must not warn about sync_dist."""
+    same = ["optimizer.lr=0.0", "trainer.max_steps=1", "trainer.val_check_interval=2", "final_validate=true"]
+    run = tmp_path / "ddp"
+    cmd = [PYTHON, "-m", "mom.train", "trainer=ddp_cpu", "model=jamba_tiny", *small_model_overrides(),
+           *[o for o in TINY_RUN if not o.startswith(("trainer.accelerator", "trainer.devices", "trainer.strategy"))],
+           *same, "trainer.limit_val_batches=3", f"hydra.run.dir={run}"]
+    res = _run(cmd, python_env, timeout=420, cwd=tmp_path)
+    assert "[mom.train] step 1" in res.stdout, res.stdout[-3000:]
+    assert (run / "model" / "model.safetensors").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert "sync_dist" not in res.stdout + res.stderr, res.stderr[-3000:]
+    ddp = [r for r in _rows(run) if r.get("val/loss")][-1]
+    single = train_fn(compose(tiny_overrides(tmp_path / "single") + same + ["trainer.limit_val_batches=6",
+                                                                          "save_model=false"]))
+    for key in ("val/loss", "val/ppl", "val/bpb"):
+        assert float(ddp[key]) == pytest.approx(single[key], rel=1e-5), (key, ddp[key], single[key])
+
+
+@pytest.mark.slow
 def test_multirun_then_report(python_env, tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [PYTHON, "-m", "mom.train", "-m", "model=jamba_tiny", *small_model_overrides(), *TINY_RUN,
@@ -177,3 +222,25 @@ def test_compile_option_wraps_without_duplicating_the_state_dict(compose):
                        optimizer=to_plain(cfg.optimizer), scheduler=to_plain(cfg.scheduler), compile=cfg.compile)
     assert lit._compiled is not None and lit._compiled is not lit.model  # torch.compile is lazy: nothing compiled yet
     assert not any("_orig_mod" in k for k in lit.state_dict())
+
+
+@pytest.mark.slow
+def test_train_cli_log_has_one_line_per_event(python_env, tmp_path):
+    """`python -m mom.train` as a user runs it (progress bar and model summary on): Lightning's lines once (not
+    also through its own handler), no litlogger advert, no FLOPs of 0, no known-harmless warning, the device
+    choice and a too-long warmup said once, a bar counting the run's steps."""
+    run = tmp_path / "run"
+    cmd = [PYTHON, "-m", "mom.train", "model=jamba_tiny", *small_model_overrides(),
+           *TINY_RUN, "trainer.accelerator=auto", "trainer.precision=auto", "trainer.enable_progress_bar=true",
+           "trainer.enable_model_summary=true", "trainer.max_steps=3", "scheduler.warmup_steps=5",
+           f"hydra.run.dir={run}"]
+    res = _run(cmd, python_env, timeout=300, cwd=tmp_path)
+    out = res.stdout + res.stderr
+    assert out.count("Seed set to 1337") == 1, out
+    assert out.count("`Trainer.fit` stopped: `max_steps=3` reached.") == 1, out
+    assert "litlogger" not in out and "FLOPs" not in out and "Flops" not in out and "LeafSpec" not in out, out
+    assert "exists and is not empty" not in out, out
+    assert out.count("device: cpu, precision: 32-true (trainer.accelerator=auto") == 1, out
+    assert out.count("scheduler.warmup_steps=5 is not shorter than the run's 3 steps") == 1, out
+    assert "Epoch 0/-2" not in out and "3/3" in out, out
+    assert "Trainable params" in out  # the module table is still there

