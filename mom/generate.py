@@ -17,6 +17,8 @@ Refused with one line on stderr and a non-zero exit code (no traceback): an empt
 than the model's trained context (``max_position_embeddings``: attention has no positions, but the model has
 never seen longer contexts, so it is an error rather than a silent degradation), a missing run/model folder.
 ``do_sample=true`` draws from a ``torch.Generator`` seeded with ``seed``: same seed, same text.
+Decoding runs on ``mom.infer``'s engine (static cache, C++ kernels); ``compile=true`` puts its step under
+``torch.compile`` and logs the compile time apart from the decode speed (stderr).
 :func:`generate_text` is the whole job as a plain function (tests call it in-process).
 """
 

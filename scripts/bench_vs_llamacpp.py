@@ -208,6 +208,22 @@ def mom_bench(model, prompt: torch.Tensor, new: int, reps: int, compile: bool) -
     return statistics.median(pre), statistics.median(dec), comp
 
 
+def ref_bench(model, prompt: torch.Tensor, new: int, reps: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of the reference cached decoding (mom.model.generation), per-token times
+    from its streamer."""
+    from mom.model.generation import generate as reference_generate
+
+    pre, dec = [], []
+    reference_generate(model, prompt, 4)
+    for _ in range(reps):
+        stamps = []
+        t0 = time.perf_counter()
+        reference_generate(model, prompt, new, streamer=lambda _t, s=stamps: s.append(time.perf_counter()))
+        pre.append(prompt.shape[1] / (stamps[0] - t0))
+        dec.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return statistics.median(pre), statistics.median(dec)
+
+
 def table(header, rows) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -222,6 +238,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--skip-llamacpp", action="store_true",
+                    help="MoM only: the engine against the reference cached decoding (mom.model.generation)")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "mom" / "llamacpp")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -231,19 +249,17 @@ def main() -> None:
     from mom.model.model import apply_precision
     from mom.model.packed import pack_model
 
-    bins, src = build_llamacpp(args.cache)
+    bins, src = (None, None) if args.skip_llamacpp else build_llamacpp(args.cache)
     bw = read_bandwidth()
     rows, ratios = [], []
     prompt = torch.randint(3, 4096, (1, args.prompt), generator=torch.Generator().manual_seed(1))
     for size in args.sizes.split(","):
         hf_dir = args.cache / "models" / f"jamba-{size}"
         hf = make_jamba(size, hf_dir)
-        f32, tq2 = to_gguf(hf_dir, src, bins)
         model = from_hf_jamba(hf).eval()
         del hf
         n_params = model.num_parameters() / 1e6
         fp32_bytes = active_weight_bytes(model)
-        tq2_bytes = fp32_bytes * tq2.stat().st_size / f32.stat().st_size
 
         def row(label, pre, dec, nbytes, extra="", name=f"{size} ({n_params:.1f}M)"):
             floor = bw / nbytes
@@ -251,22 +267,33 @@ def main() -> None:
                          f"{floor:,.0f}", f"{100 * dec / floor:.0f}%", extra])
             return dec
 
-        llama_f32 = row("llama.cpp F32", *llama_bench(bins, f32, args.threads, args.prompt, args.new_tokens,
-                                                      args.reps), fp32_bytes)
-        llama_tq2 = row("llama.cpp TQ2_0", *llama_bench(bins, tq2, args.threads, args.prompt, args.new_tokens,
-                                                       args.reps), tq2_bytes)
+        if args.skip_llamacpp:  # baseline: the reference cached decoding of mom.model
+            llama_f32 = row("MoM reference (mom.model.generation)", *ref_bench(model, prompt, args.new_tokens,
+                                                                               args.reps), fp32_bytes)
+        else:
+            f32, tq2 = to_gguf(hf_dir, src, bins)
+            tq2_bytes = fp32_bytes * tq2.stat().st_size / f32.stat().st_size
+            llama_f32 = row("llama.cpp F32", *llama_bench(bins, f32, args.threads, args.prompt, args.new_tokens,
+                                                          args.reps), fp32_bytes)
+            llama_tq2 = row("llama.cpp TQ2_0", *llama_bench(bins, tq2, args.threads, args.prompt, args.new_tokens,
+                                                           args.reps), tq2_bytes)
+        base = "reference" if args.skip_llamacpp else "llama.cpp F32"
         for comp in (False,) if args.no_compile else (False, True):
             pre, dec, cs = mom_bench(model, prompt, args.new_tokens, args.reps, comp)
             label = "MoM fp32" + (" compiled" if comp else "")
-            row(label, pre, dec, fp32_bytes, f"{dec / llama_f32:.2f}x llama.cpp F32" + (f"; compile {cs:.0f} s" if comp else ""))
+            row(label, pre, dec, fp32_bytes, f"{dec / llama_f32:.2f}x {base}" + (f"; compile {cs:.0f} s" if comp else ""))
             ratios.append((size, label, dec / llama_f32))
         apply_precision(model, PRECISION_PRESETS["ternary"])
         pack_model(model)
         packed_bytes = active_weight_bytes(model)
+        if args.skip_llamacpp:
+            llama_tq2 = row("MoM ternary packed, reference", *ref_bench(model, prompt, args.new_tokens, args.reps),
+                            packed_bytes)
+        base = "reference" if args.skip_llamacpp else "llama.cpp TQ2_0"
         for comp in (False,) if args.no_compile else (False, True):
             pre, dec, cs = mom_bench(model, prompt, args.new_tokens, args.reps, comp)
             label = "MoM ternary packed" + (" compiled" if comp else "")
-            row(label, pre, dec, packed_bytes, f"{dec / llama_tq2:.2f}x llama.cpp TQ2_0" + (f"; compile {cs:.0f} s" if comp else ""))
+            row(label, pre, dec, packed_bytes, f"{dec / llama_tq2:.2f}x {base}" + (f"; compile {cs:.0f} s" if comp else ""))
             ratios.append((size, label, dec / llama_tq2))
         del model
     print(f"\n### MoM vs llama.cpp, batch 1, {args.threads} threads, prompt {args.prompt}, {args.new_tokens} new tokens "

@@ -25,12 +25,12 @@ from torch import nn
 
 from mom.infer import kernels
 from mom.infer.cache import StaticAttention, StaticCache
+from mom.model import kernels as mamba_kernels
 from mom.model.attention import MixtureOfAttention
 from mom.model.bitlinear import BitLinear
 from mom.model.experts import stable_top_k, top_k_routing
 from mom.model.moe import MLP, MultiHeadMoE, SparseMoE
 from mom.model.packed import PackedTernaryLinear, pack_ternary
-from mom.model.scan import selective_state_update
 
 _MIN_K = 8  # below 8 inputs torch's norm takes another summation order than the kernel reproduces
 
@@ -191,27 +191,18 @@ class Engine:
         return self.lin(attn.o_proj, o.reshape(B, -1))
 
     def _mamba(self, m, x, st):
-        if self.use_kernels and x.dtype == torch.float32 and st.conv.dtype == torch.float32:
-            ops = torch.ops.mom_infer
-            xz = self.lin(m.in_proj, x)
-            u = ops.mamba_conv_step(xz, st.conv, m.conv1d.weight.view(m.d_inner, -1), m.conv1d.bias)
-            dt, Bm, Cm = torch.split(self.lin(m.x_proj, u), [m.dt_rank, m.d_state, m.d_state], dim=-1)
-            dt = self.lin(m.dt_proj, self.norm(m.dt_layernorm, dt))
-            y = ops.mamba_ssm_step(st.ssm, u, dt, m._A(), self.norm(m.b_layernorm, Bm), self.norm(m.c_layernorm, Cm),
-                                   m.D, xz)
-            return self.lin(m.out_proj, y)
-        u, z = self.lin(m.in_proj, x).chunk(2, dim=-1)
-        window = torch.cat([st.conv, u.unsqueeze(-1)], dim=-1)
-        st.conv.copy_(window[..., 1:])
-        u = (window * m.conv1d.weight[:, 0]).sum(-1)
-        if m.conv1d.bias is not None:
-            u = u + m.conv1d.bias
-        u = F.silu(u)
+        # mamba-ssm's kernels (CUDA) when this device has them, or no C++ kernels: the reference step itself
+        if (not self.use_kernels or x.dtype != torch.float32 or st.conv.dtype != torch.float32
+                or mamba_kernels.get("selective_state_update", x.device) is not None):
+            return m.step(x, st)
+        ops = torch.ops.mom_infer
+        xz = self.lin(m.in_proj, x)
+        u = ops.mamba_conv_step(xz, st.conv, m.conv1d.weight.view(m.d_inner, -1), m.conv1d.bias)
         dt, Bm, Cm = torch.split(self.lin(m.x_proj, u), [m.dt_rank, m.d_state, m.d_state], dim=-1)
-        dt = self.lin(m.dt_proj, m.dt_layernorm(dt))
-        y = selective_state_update(st.ssm, u, dt, m._A(), m.b_layernorm(Bm), m.c_layernorm(Cm), m.D, z=z,
-                                   dt_softplus=True)
-        return self.lin(m.out_proj, y.to(x.dtype))
+        dt = self.lin(m.dt_proj, self.norm(m.dt_layernorm, dt))
+        y = ops.mamba_ssm_step(st.ssm, u, dt, m._A(), self.norm(m.b_layernorm, Bm), self.norm(m.c_layernorm, Cm),
+                               m.D, xz)
+        return self.lin(m.out_proj, y)
 
     def _block(self, layer, x, st, pos: int):
         router = layer.mod_router
