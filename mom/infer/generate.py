@@ -21,7 +21,7 @@ import torch
 
 from mom.infer.engine import engine_for
 from mom.model.cache import MoMCache
-from mom.model.generation import GenerationError, process_logits
+from mom.model.generation import check_generation_args, process_logits
 from mom.model.generation import generate as reference_generate
 
 
@@ -40,18 +40,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sam
                                   attention_mask=attention_mask, use_cache=False, generator=generator,
                                   streamer=streamer)
     config = model.config
-    if input_ids.dim() == 1:
-        input_ids = input_ids.unsqueeze(0)
-    if input_ids.numel() == 0 or input_ids.shape[1] == 0:
-        raise GenerationError("empty prompt: give at least one token")
-    prompt_len = int(attention_mask.sum(1).max()) if attention_mask is not None else input_ids.shape[1]
-    if prompt_len > config.max_position_embeddings:
-        raise GenerationError(f"prompt of {prompt_len} tokens is longer than the model's trained context "
-                              f"(max_position_embeddings={config.max_position_embeddings})")
-    if temperature <= 0:
-        raise GenerationError(f"temperature must be > 0, got {temperature} (use do_sample=False for greedy)")
-    if pad_token_id is None:
-        pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
+    input_ids, pad_token_id = check_generation_args(config, input_ids, attention_mask, temperature, pad_token_id)
     stats = stats if stats is not None else {}
     was_training = model.training
     model.eval()

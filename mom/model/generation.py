@@ -40,16 +40,9 @@ def process_logits(logits: torch.Tensor, generated: torch.Tensor, *, temperature
     return logits
 
 
-@torch.no_grad()
-def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sample: bool = False,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             repetition_penalty: float = 1.0, eos_token_id: int | None = None, pad_token_id: int | None = None,
-             attention_mask: torch.Tensor | None = None, use_cache: bool = True,
-             generator: torch.Generator | None = None,
-             streamer: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Returns (B, prompt + new) token ids. Prompts of different lengths come left-padded with an
-    ``attention_mask`` (1 = token, 0 = padding). ``streamer`` gets each step's new tokens (B,)."""
-    config = model.config
+def check_generation_args(config, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                          temperature: float, pad_token_id: int | None) -> tuple[torch.Tensor, int]:
+    """The checks every decoder makes before its first step: (B, T) ids and the padding token to use."""
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
     if input_ids.numel() == 0 or input_ids.shape[1] == 0:
@@ -62,6 +55,20 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sam
         raise GenerationError(f"temperature must be > 0, got {temperature} (use do_sample=False for greedy)")
     if pad_token_id is None:
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
+    return input_ids, pad_token_id
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             repetition_penalty: float = 1.0, eos_token_id: int | None = None, pad_token_id: int | None = None,
+             attention_mask: torch.Tensor | None = None, use_cache: bool = True,
+             generator: torch.Generator | None = None,
+             streamer: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Returns (B, prompt + new) token ids. Prompts of different lengths come left-padded with an
+    ``attention_mask`` (1 = token, 0 = padding). ``streamer`` gets each step's new tokens (B,)."""
+    config = model.config
+    input_ids, pad_token_id = check_generation_args(config, input_ids, attention_mask, temperature, pad_token_id)
     was_training = model.training
     model.eval()
     try:
