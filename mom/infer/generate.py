@@ -21,7 +21,7 @@ import torch
 
 from mom.infer.engine import engine_for
 from mom.model.cache import MoMCache
-from mom.model.generation import check_generation_args, process_logits
+from mom.model.generation import check_generation_args, choose_next
 from mom.model.generation import generate as reference_generate
 
 
@@ -71,13 +71,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sam
         for step in range(max_new_tokens):
             if step:
                 logits = engine.step(nxt, cache)
-            scores = process_logits(logits.float(), tokens, temperature=temperature if do_sample else 1.0,
-                                    top_k=top_k if do_sample else None, top_p=top_p if do_sample else None,
-                                    repetition_penalty=repetition_penalty)
-            if do_sample:
-                nxt = torch.multinomial(torch.softmax(scores, -1), 1, generator=generator).squeeze(1)
-            else:
-                nxt = scores.argmax(-1)
+            nxt = choose_next(logits, tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                              top_p=top_p, repetition_penalty=repetition_penalty, generator=generator)
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             stats["new_tokens"] = step + 1

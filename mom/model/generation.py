@@ -40,6 +40,19 @@ def process_logits(logits: torch.Tensor, generated: torch.Tensor, *, temperature
     return logits
 
 
+def choose_next(logits: torch.Tensor, tokens: torch.Tensor, *, do_sample: bool, temperature: float,
+                top_k: int | None, top_p: float | None, repetition_penalty: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """(B,) next tokens from the last position's (B, V) logits: sampled, or greedy (only the repetition
+    penalty applies then)."""
+    scores = process_logits(logits.float(), tokens, temperature=temperature if do_sample else 1.0,
+                            top_k=top_k if do_sample else None, top_p=top_p if do_sample else None,
+                            repetition_penalty=repetition_penalty)
+    if do_sample:
+        return torch.multinomial(torch.softmax(scores, -1), 1, generator=generator).squeeze(1)
+    return scores.argmax(-1)
+
+
 def check_generation_args(config, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                           temperature: float, pad_token_id: int | None) -> tuple[torch.Tensor, int]:
     """The checks every decoder makes before its first step: (B, T) ids and the padding token to use."""
@@ -83,13 +96,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sam
                 out = model(step_input, attention_mask=mask if step == 0 else None, cache=cache, logits_to_keep=1)
             else:
                 out = model(tokens, attention_mask=mask, logits_to_keep=1)
-            logits = process_logits(out.logits[:, -1].float(), tokens, temperature=temperature if do_sample else 1.0,
-                                    top_k=top_k if do_sample else None, top_p=top_p if do_sample else None,
-                                    repetition_penalty=repetition_penalty)
-            if do_sample:
-                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
-            else:
-                nxt = logits.argmax(-1)
+            nxt = choose_next(out.logits[:, -1], tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                              top_p=top_p, repetition_penalty=repetition_penalty, generator=generator)
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             if mask is not None:
