@@ -9,17 +9,11 @@ from torch import nn
 
 from mom.model.bitlinear import BitLinear, act_quant, convert_linear, make_linear, ternarize
 from mom.model.norm import RMSNorm
+from tests.helpers.models import random_bitlinear
 
 
 def _layer(fin=48, fout=40, bias=True, seed=0):
-    torch.manual_seed(seed)
-    m = BitLinear(fin, fout, bias=bias)
-    with torch.no_grad():
-        m.weight.normal_(0, 0.05)
-        m.norm.weight.uniform_(0.5, 1.5)
-        if bias:
-            m.bias.normal_()
-    return m
+    return random_bitlinear(fin, fout, bias, seed)
 
 
 def _reference(m: BitLinear, x: torch.Tensor) -> torch.Tensor:

@@ -12,22 +12,14 @@ import torch.nn.functional as F
 from mom.infer import kernels
 from mom.infer.engine import Engine
 from mom.infer.generate import generate
-from mom.model.bitlinear import BitLinear
 from mom.model.packed import PackedTernaryLinear, pack_model
-from tests.helpers.models import V, build
+from tests.helpers.models import V, build, random_bitlinear
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"C++ kernels: {kernels.why_unavailable()}")
 
 
 def _bitlinear(fin, fout, bias, seed):
-    torch.manual_seed(seed)
-    m = BitLinear(fin, fout, bias=bias)
-    with torch.no_grad():
-        m.weight.normal_(0, 0.05)
-        m.norm.weight.uniform_(0.5, 1.5)
-        if bias:
-            m.bias.normal_()
-    return m.eval()
+    return random_bitlinear(fin, fout, bias, seed).eval()
 
 
 @needs_kernels

@@ -18,20 +18,14 @@ from mom.model.packed import (
     replace_with_packed,
     unpack_ternary,
 )
+from tests.helpers.models import random_bitlinear
 
 SHAPES = [(64, 96), (130, 70), (256, 256)]
 EXACT_KERNELS = ["auto", "dense"] + (["onednn"] if onednn_available() else [])
 
 
 def _bitlinear(fin, fout, bias=True, seed=0):
-    torch.manual_seed(seed)
-    m = BitLinear(fin, fout, bias=bias)
-    with torch.no_grad():
-        m.weight.normal_(0, 0.05)
-        m.norm.weight.uniform_(0.5, 1.5)
-        if bias:
-            m.bias.normal_()
-    return m.eval()
+    return random_bitlinear(fin, fout, bias, seed).eval()
 
 
 def _rel_err(a, b):

@@ -7,6 +7,7 @@ import itertools
 import torch
 
 from mom.model import PRECISION_PRESETS, MoMConfig, MoMForCausalLM
+from mom.model.bitlinear import BitLinear
 
 V = 61
 MIXTURES = list(itertools.product([False, True], repeat=3))  # (mod, moa, mhmoe)
@@ -30,3 +31,15 @@ def build(seed=0, **kw) -> MoMForCausalLM:
             if "router" in name and p.dim() == 2:
                 p.normal_(0, 0.5)
     return model
+
+
+def random_bitlinear(fin: int, fout: int, bias: bool = True, seed: int = 0) -> BitLinear:
+    """A BitLinear with spread weights, input-norm gains and bias, so ternary and int8 rounding are exercised."""
+    torch.manual_seed(seed)
+    m = BitLinear(fin, fout, bias=bias)
+    with torch.no_grad():
+        m.weight.normal_(0, 0.05)
+        m.norm.weight.uniform_(0.5, 1.5)
+        if bias:
+            m.bias.normal_()
+    return m
