@@ -8,9 +8,12 @@ layer once for its fastest kernel:
   quantisation fused; bit-identical to BitLinear);
 - ``PackedTernaryLinear`` -> its own 2-bit weights through the same kernel.
 
-Without the kernels (no compiler, non-x86 CPU, non-fp32 model) each layer is called as it is (eager).
-``step(tokens, cache)`` advances B sequences by one token and returns the next-token logits (B, V). It
-mirrors ``mom.model`` op for op (the reference every fast path is tested against) with what decoding allows:
+With the kernels built and an fp32 model, the whole step is one native call (``mom.infer.native``: the C++
+``Program`` in ``csrc/step.cpp``), prefill included; otherwise the step below runs layer by layer from Python,
+each linear layer on its kernel, and without the kernels (no compiler, non-x86 CPU, non-fp32 model) each
+layer is called as it is (eager). ``step(tokens, cache)`` advances B sequences by one token and returns the
+next-token logits (B, V). Both paths mirror ``mom.model`` (the reference every fast path is tested against)
+with what decoding allows:
 a token that Mixture of Depths skips costs no block compute (batch of one), MoE / MH-MoE / MoA read only the
 chosen experts' weights, and the mixer's K/V land in preallocated buffers.
 """
@@ -25,9 +28,11 @@ from torch import nn
 
 from mom.infer import kernels
 from mom.infer.cache import StaticAttention, StaticCache
+from mom.infer.native import NativeStep, build_program
 from mom.model import kernels as mamba_kernels
 from mom.model.attention import MixtureOfAttention
 from mom.model.bitlinear import BitLinear
+from mom.model.cache import MoMCache
 from mom.model.experts import stable_top_k, top_k_routing
 from mom.model.moe import MLP, MultiHeadMoE, SparseMoE
 from mom.model.packed import PackedTernaryLinear, pack_ternary
@@ -71,7 +76,7 @@ def _fast_linear(module: nn.Module, use_kernels: bool):
 class Engine:
     """Decode-step engine for one model (see the module docstring)."""
 
-    def __init__(self, model, use_kernels: bool | None = None):
+    def __init__(self, model, use_kernels: bool | None = None, native: bool | None = None):
         self.model = model
         self.config = model.config
         dtype = model.model.embed_tokens.weight.dtype
@@ -88,6 +93,14 @@ class Engine:
                 if (use_kernels and type(module) is nn.Linear and module.bias is None
                         and module.weight.dtype == torch.float32 and module.weight.is_contiguous()):
                     self._f32[id(module)] = module.weight.detach()
+        self.native: NativeStep | None = None
+        self.native_why = "the C++ kernels are not in use"
+        if use_kernels and native is not False:
+            program = build_program(model)
+            if isinstance(program, str):
+                self.native_why = program
+            else:
+                self.native, self.native_why = NativeStep(program), ""
         self.cache: StaticCache | None = None
         self.compiled = None
         self.compile_failed = False
@@ -249,12 +262,31 @@ class Engine:
         """tokens: (B,) ids at position ``cache.length``; returns the logits (B, V) of the next token."""
         if cache.length >= cache.max_len:
             raise ValueError(f"the static cache is full ({cache.max_len} tokens)")
+        if self.native is not None:
+            return self.native.decode(tokens, cache)
         fn = self.compiled if self.compiled is not None else self._step
         return fn(tokens, cache)
 
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: StaticCache) -> torch.Tensor:
+        """Left-padded prompts (B, T) into ``cache``; returns the logits (B, V) of each prompt's next token.
+        Native: the prompt's tokens as rows of one call. Otherwise the reference forward (one parallel pass
+        leaving a ``MoMCache``) copied into the static buffers."""
+        T = input_ids.shape[1]
+        if T > cache.max_len:
+            raise ValueError(f"prompt of {T} tokens does not fit a cache of {cache.max_len}")
+        if self.native is not None:
+            return self.native.prefill(input_ids, attention_mask, cache)
+        ref = MoMCache.for_config(self.config)
+        logits = self.model(input_ids, attention_mask=attention_mask, cache=ref, logits_to_keep=1).logits[:, -1]
+        cache.load(ref, T)
+        return logits
+
     def compile(self) -> float:
         """Wrap the step in ``torch.compile`` (once); returns the seconds the first compilation took, which the
-        first call of ``step`` pays (see ``warm_up``)."""
+        first call of ``step`` pays (see ``warm_up``). The native step is compiled code already: nothing to do."""
+        if self.native is not None:
+            return 0.0
         if self.compiled is None:
             self.compiled = torch.compile(self._step, dynamic=True)
         return self.compile_seconds
@@ -271,12 +303,12 @@ class Engine:
         return self.compile_seconds
 
 
-def engine_for(model, use_kernels: bool | None = None) -> Engine:
+def engine_for(model, use_kernels: bool | None = None, native: bool | None = None) -> Engine:
     """The engine cached on ``model``, rebuilt when a weight changed (address or in-place version)."""
-    key = tuple((t.data_ptr(), t._version) for t in model.state_dict().values()) + (use_kernels,)
+    key = tuple((t.data_ptr(), t._version) for t in model.state_dict().values()) + (use_kernels, native)
     eng = getattr(model, "_mom_engine", None)
     if eng is None or eng[0] != key:
-        eng = (key, Engine(model, use_kernels))
+        eng = (key, Engine(model, use_kernels, native))
         object.__setattr__(model, "_mom_engine", eng)
     return eng[1]
 

@@ -1,11 +1,15 @@
-"""``generate`` on the engine: the prompt is prefilled by the reference forward (one parallel pass that
-leaves a ``MoMCache``, copied into the static buffers), then every new token is one ``Engine.step``.
+"""``generate`` on the engine: ``Engine.prefill`` fills the static cache with the prompt (native: one C++
+call; otherwise the reference forward copied into the static buffers), then every new token is one
+``Engine.step``.
 
 Same arguments and results as ``mom.model.generation.generate`` (transformers' names), plus:
 
-- ``compile=True``: the step runs under ``torch.compile``; the first call compiles it (timed apart, in
+- ``native``: None (default) runs the whole step in one C++ call when the kernels are built and the model is
+  fp32; False keeps the per-layer Python step (what ``compile=True`` compiles);
+- ``compile=True``: the Python step runs under ``torch.compile``; the first call compiles it (timed apart, in
   ``stats["compile_s"]``) and later calls in the process reuse it (the engine is cached on the model);
-- ``stats``: a dict filled with ``prefill_s``, ``decode_s``, ``new_tokens``, ``compile_s``, ``kernels``.
+- ``stats``: a dict filled with ``prefill_s``, ``decode_s``, ``new_tokens``, ``compile_s``, ``kernels``,
+  ``native``.
 
 ``use_cache=False`` is the reference full recompute of ``mom.model.generation`` (what the engine is tested
 against).
@@ -20,7 +24,6 @@ from collections.abc import Callable
 import torch
 
 from mom.infer.engine import engine_for
-from mom.model.cache import MoMCache
 from mom.model.generation import check_generation_args, choose_next
 from mom.model.generation import generate as reference_generate
 
@@ -31,7 +34,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sam
              repetition_penalty: float = 1.0, eos_token_id: int | None = None, pad_token_id: int | None = None,
              attention_mask: torch.Tensor | None = None, use_cache: bool = True,
              generator: torch.Generator | None = None, streamer: Callable[[torch.Tensor], None] | None = None,
-             compile: bool = False, use_kernels: bool | None = None, stats: dict | None = None) -> torch.Tensor:
+             compile: bool = False, use_kernels: bool | None = None, native: bool | None = None,
+             stats: dict | None = None) -> torch.Tensor:
     """Returns (B, prompt + new) token ids; see ``mom.model.generation.generate`` for the arguments."""
     if not use_cache:
         return reference_generate(model, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
@@ -45,10 +49,10 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sam
     was_training = model.training
     model.eval()
     try:
-        engine = engine_for(model, use_kernels)
+        engine = engine_for(model, use_kernels, native)
         B, T = input_ids.shape
-        stats.update(compile_s=0.0, kernels=engine.use_kernels, new_tokens=0)
-        if compile and engine.compiled is None and not engine.compile_failed:
+        stats.update(compile_s=0.0, kernels=engine.use_kernels, native=engine.native is not None, new_tokens=0)
+        if compile and engine.native is None and engine.compiled is None and not engine.compile_failed:
             engine.compile()
             try:
                 stats["compile_s"] = engine.warm_up(B, T + max(max_new_tokens, 1))
@@ -59,10 +63,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sam
                               RuntimeWarning, stacklevel=2)
         cache = engine.get_cache(B, T + max(max_new_tokens, 1))
         t0 = time.perf_counter()
-        ref = MoMCache.for_config(config)
-        logits = model(input_ids, attention_mask=attention_mask, cache=ref, logits_to_keep=1).logits[:, -1]
-        cache.load(ref, T)
-        del ref
+        logits = engine.prefill(input_ids, attention_mask, cache)
         stats["prefill_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         tokens = input_ids

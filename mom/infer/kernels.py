@@ -1,6 +1,6 @@
 """The engine's CPU kernels: a small C++ extension built at first use, with eager torch fallbacks.
 
-``csrc/kernels.cpp`` is compiled once per machine and torch version by ``torch.utils.cpp_extension.load``
+``csrc/kernels.cpp`` and ``csrc/step.cpp`` (loops shared through ``csrc/kernels.h``) are compiled once per machine and torch version by ``torch.utils.cpp_extension.load``
 into ``$MOM_KERNEL_CACHE`` (default ``~/.cache/mom/kernels``), ``-O3 -march=native`` (AVX2 + FMA is the
 floor; the compiler uses what the CPU has), and registers the ops ``torch.ops.mom_infer.*``:
 
@@ -28,14 +28,16 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = [_CSRC / "kernels.cpp", _CSRC / "step.cpp"]
 _STATE: dict = {"tried": False, "ok": False, "why": ""}
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=c++17"]
 
 
 def cache_dir() -> Path:
     root = os.environ.get("MOM_KERNEL_CACHE") or Path.home() / ".cache" / "mom" / "kernels"
-    tag = hashlib.sha1((_SOURCE.read_text() + torch.__version__ + " ".join(_FLAGS)).encode()).hexdigest()[:12]
+    text = "".join(p.read_text() for p in [*_SOURCES, _CSRC / "kernels.h"])
+    tag = hashlib.sha1((text + torch.__version__ + " ".join(_FLAGS)).encode()).hexdigest()[:12]
     return Path(root) / f"{platform.machine()}-torch{torch.__version__.split('+')[0]}-{tag}"
 
 
@@ -67,7 +69,7 @@ def _build() -> None:
 
     build = cache_dir()
     build.mkdir(parents=True, exist_ok=True)
-    load(name="mom_infer_kernels", sources=[str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+    load(name="mom_infer_kernels", sources=[str(p) for p in _SOURCES], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
          build_directory=str(build), is_python_module=False, verbose=False)
 
 

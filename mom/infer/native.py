@@ -1,0 +1,178 @@
+"""The whole decode step in one native call: ``csrc/step.cpp``'s ``Program`` described from a ``MoMForCausalLM``.
+
+``build_program(model)`` walks the network once and hands the C++ side every weight it needs (referenced,
+not copied; ``BitLinear`` layers are ternarised and packed to 2 bits here, once), in the order of
+``mom.model``. ``NativeStep(model)`` then runs rows of tokens against a ``StaticCache``:
+
+- ``decode(tokens, cache)``: one new token per sequence (all at ``cache.length``);
+- ``prefill(input_ids, attention_mask, cache)``: a left-padded prompt batch; padding is never computed (its
+  keys are marked invalid, its Mamba state stays zero, which is what the reference's masking amounts to).
+
+What the program cannot express (a layer type it does not know, a ternary layer with fewer than 8 inputs
+whose RMSNorm torch sums in another order, non-fp32 norms) makes ``build_program`` return the reason
+instead, and the engine keeps its per-op path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mom.infer.cache import StaticAttention, StaticCache
+from mom.model.attention import MixtureOfAttention
+from mom.model.bitlinear import BitLinear
+from mom.model.moe import MLP, MultiHeadMoE, SparseMoE
+from mom.model.packed import PackedTernaryLinear, pack_ternary
+
+_F32, _BF16, _TERNARY = 0, 1, 2
+_ACTS = {"silu": 0, "gelu": 1, "relu": 2}
+
+
+class Unsupported(Exception):
+    """The model has something the native step does not run; the message says what."""
+
+
+class _Builder:
+    def __init__(self, program):
+        self.p = program
+        self.ids: dict[int, int] = {}
+
+    def linear(self, m: nn.Module) -> int:
+        if id(m) in self.ids:
+            return self.ids[id(m)]
+        with torch.no_grad():
+            if isinstance(m, PackedTernaryLinear) or isinstance(m, BitLinear):
+                if m.in_features < 8:
+                    raise Unsupported(f"ternary layer with {m.in_features} inputs (< 8)")
+                if isinstance(m, PackedTernaryLinear):
+                    packed, gamma = m.packed_weight, float(m.weight_scale)
+                else:
+                    if m.weight.dtype != torch.float32:
+                        raise Unsupported(f"BitLinear weights in {m.weight.dtype}")
+                    t, g = m.quantized_weight()
+                    packed, gamma = pack_ternary(t), float(g)
+                gain = m.norm.weight.detach()
+                if gain.dtype != torch.float32:
+                    raise Unsupported("non-fp32 BitLinear norm")
+                bias = m.bias.detach() if m.bias is not None else None
+                i = self.p.add_linear(_TERNARY, m.in_features, packed, bias, gain, m.norm.eps, gamma)
+            elif type(m) is nn.Linear:
+                w = m.weight.detach()
+                kind = {torch.float32: _F32, torch.bfloat16: _BF16}.get(w.dtype)
+                if kind is None:
+                    raise Unsupported(f"linear weights in {w.dtype}")
+                bias = m.bias.detach().float() if m.bias is not None else None
+                i = self.p.add_linear(kind, m.in_features, w, bias, None, 0.0, 1.0)
+            else:
+                raise Unsupported(f"layer type {type(m).__name__}")
+        self.ids[id(m)] = i
+        return i
+
+    def norm(self, m: nn.Module) -> int:
+        if m.weight.dtype != torch.float32:
+            raise Unsupported("non-fp32 RMSNorm")
+        return self.p.add_norm(m.weight.detach(), m.eps)
+
+    def mamba(self, m) -> int:
+        ids = [self.linear(m.in_proj), self.linear(m.x_proj), self.linear(m.dt_proj), self.linear(m.out_proj),
+               self.norm(m.dt_layernorm), self.norm(m.b_layernorm), self.norm(m.c_layernorm)]
+        with torch.no_grad():
+            conv_b = m.conv1d.bias.detach().float() if m.conv1d.bias is not None else None
+            return self.p.add_mamba(ids, m.conv1d.weight.detach()[:, 0].float(), conv_b, m._A().float(),
+                                    m.D.detach().float(), m.dt_rank, m.d_state)
+
+    def attention(self, a, config) -> int:
+        if isinstance(a, MixtureOfAttention):
+            return self.p.add_attention([self.linear(q) for q in a.q_proj], [self.linear(o) for o in a.o_proj],
+                                        self.linear(a.k_proj), self.linear(a.v_proj), self.linear(a.router),
+                                        a.top_k, a.top_k * a.num_kv_heads, a.num_kv_heads, a.head_dim)
+        return self.p.add_attention([self.linear(a.q_proj)], [self.linear(a.o_proj)], self.linear(a.k_proj),
+                                    self.linear(a.v_proj), -1, 1, a.num_heads, a.num_kv_heads, a.head_dim)
+
+    def experts(self, experts) -> tuple[list[int], list[int], list[int], int]:
+        acts = {_act_name(e) for e in experts}
+        if len(acts) != 1:
+            raise Unsupported(f"expert activations {acts}")
+        return ([self.linear(e.gate_proj) for e in experts], [self.linear(e.up_proj) for e in experts],
+                [self.linear(e.down_proj) for e in experts], _ACTS[acts.pop()])
+
+    def ffn(self, f) -> int:
+        if isinstance(f, MLP):
+            g, u, d, act = self.experts([f])
+            return self.p.add_ffn(0, g, u, d, act, -1, 1, False, -1, -1, 0)
+        if isinstance(f, SparseMoE):
+            g, u, d, act = self.experts(f.experts)
+            return self.p.add_ffn(1, g, u, d, act, self.linear(f.router), f.top_k, False, -1, -1, 0)
+        if isinstance(f, MultiHeadMoE):
+            g, u, d, act = self.experts(f.experts)
+            return self.p.add_ffn(2, g, u, d, act, self.linear(f.router), f.top_k, True, self.linear(f.head_proj),
+                                  self.linear(f.merge_proj), f.sub_dim)
+        raise Unsupported(f"feed-forward {type(f).__name__}")
+
+
+def _act_name(mlp: MLP) -> str:
+    for name, fn in (("silu", torch.nn.functional.silu), ("gelu", torch.nn.functional.gelu),
+                     ("relu", torch.nn.functional.relu)):
+        if mlp.act is fn:
+            return name
+    raise Unsupported(f"activation {mlp.act}")
+
+
+def build_program(model):
+    """The C++ ``Program`` for ``model`` (fp32 on CPU, kernels built), or a string saying why not."""
+    emb = model.model.embed_tokens.weight
+    if emb.dtype != torch.float32 or emb.device.type != "cpu":
+        return f"the native step runs fp32 models on CPU ({emb.dtype} on {emb.device.type} here)"
+    try:
+        b = _Builder(torch.classes.mom_infer.Program())
+        for layer in model.model.layers:
+            mixer = b.attention(layer.self_attn, model.config) if layer.is_attention else b.mamba(layer.mamba)
+            router = b.linear(layer.mod_router.proj) if layer.mod_router is not None else -1
+            b.p.add_block(layer.is_attention, mixer, b.ffn(layer.feed_forward), b.norm(layer.input_layernorm),
+                          b.norm(layer.pre_ff_layernorm), router)
+        b.p.set_output(emb.detach(), b.norm(model.model.final_layernorm), b.linear(model.lm_head))
+    except Unsupported as e:
+        return str(e)
+    return b.p
+
+
+def _state(cache: StaticCache) -> list[torch.Tensor]:
+    out = []
+    for st in cache.layers:
+        out += [st.k, st.v, st.valid] if isinstance(st, StaticAttention) else [st.conv, st.ssm]
+    return out
+
+
+class NativeStep:
+    """The model's ``Program`` and the calls that feed it rows (see the module docstring)."""
+
+    def __init__(self, program):
+        self.program = program
+
+    def decode(self, tokens: torch.Tensor, cache: StaticCache) -> torch.Tensor:
+        B = tokens.shape[0]
+        rows = torch.arange(B)
+        pos = torch.full((B,), cache.length, dtype=torch.long)
+        logits = self.program.step(tokens, rows, pos, _state(cache), rows)
+        cache.length += 1
+        return logits
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: StaticCache) -> torch.Tensor:
+        """Left-padded prompts (B, T) into a reset cache; returns the logits (B, V) after each prompt."""
+        B, T = input_ids.shape
+        cache.reset()
+        mask = torch.ones(B, T, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
+        for st in cache.layers:
+            if isinstance(st, StaticAttention):
+                st.valid[:, :T] = mask
+        seq, pos = mask.nonzero(as_tuple=True)  # row-major: each sequence's tokens in order
+        tokens = input_ids.cpu()[seq, pos]
+        last = (pos == T - 1).nonzero().squeeze(1)  # each sequence's last token, in sequence order
+        if last.numel() != B:
+            raise ValueError("prompts must be left-padded: the attention mask's last column must be all ones")
+        logits = self.program.step(tokens, seq, pos, _state(cache), last)
+        cache.length = T
+        return logits
+
+
+__all__ = ["NativeStep", "build_program", "Unsupported"]
