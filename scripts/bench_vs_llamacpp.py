@@ -13,7 +13,8 @@
    and quantises it to TQ2_0 with ``llama-quantize``.
 3. Runs ``llama-bench -t THREADS -p PROMPT -n NEW`` on both files, and MoM on the same weights
    (``mom.convert.from_hf_jamba``): fp32, and the ``ternary`` preset packed to 2 bits (``pack_model``), each
-   eager and ``compile=True``, prefill and decode tokens/s through ``mom.infer.generate``'s stats.
+   through the native step (the whole network in one C++ call), the per-layer Python step and the latter
+   under ``compile=True`` (``--no-compile`` skips it), prefill and decode tokens/s from ``mom.infer.generate``.
 
 Each row's "of floor" = its decode tokens/s over the bandwidth floor: read bandwidth (a 256 MiB fp32 sum,
 measured in this process) / bytes of weights a decoded token reads (active experts only; 2 bits a ternary
@@ -193,16 +194,23 @@ def active_weight_bytes(model) -> int:
     return int(total + cfg.hidden_size * 4)
 
 
-def mom_bench(model, prompt: torch.Tensor, new: int, reps: int, compile: bool) -> tuple[float, float, float]:
+# MoM's engine rows: the whole step in one native call, the per-layer Python step, the latter compiled
+VARIANTS = {"native step": dict(native=None), "per-layer step": dict(native=False),
+            "per-layer step, compiled": dict(native=False, compile=True)}
+
+
+def mom_bench(model, prompt: torch.Tensor, new: int, reps: int, variant: dict) -> tuple[float, float, float]:
     """(prefill tok/s, decode tok/s, compile seconds) through mom.infer.generate."""
     from mom.infer import generate
 
     st: dict = {}
-    generate(model, prompt, 4, compile=compile, stats=st)  # warm-up (and compilation, timed apart)
+    generate(model, prompt, 4, stats=st, **variant)  # warm-up (and compilation, timed apart)
+    if variant.get("native") is None and not st["native"]:
+        raise SystemExit("the native step is not in use (C++ kernels unavailable?)")
     comp = st["compile_s"]
     pre, dec = [], []
     for _ in range(reps):
-        generate(model, prompt, new, compile=compile, stats=st)
+        generate(model, prompt, new, stats=st, **variant)
         pre.append(prompt.shape[1] / st["prefill_s"])
         dec.append((st["new_tokens"] - 1) / st["decode_s"])
     return statistics.median(pre), statistics.median(dec), comp
@@ -278,10 +286,11 @@ def main() -> None:
             llama_tq2 = row("llama.cpp TQ2_0", *llama_bench(bins, tq2, args.threads, args.prompt, args.new_tokens,
                                                            args.reps), tq2_bytes)
         base = "reference" if args.skip_llamacpp else "llama.cpp F32"
-        for comp in (False,) if args.no_compile else (False, True):
-            pre, dec, cs = mom_bench(model, prompt, args.new_tokens, args.reps, comp)
-            label = "MoM fp32" + (" compiled" if comp else "")
-            row(label, pre, dec, fp32_bytes, f"{dec / llama_f32:.2f}x {base}" + (f"; compile {cs:.0f} s" if comp else ""))
+        variants = [v for v in VARIANTS if not (args.no_compile and "compiled" in v)]
+        for v in variants:
+            pre, dec, cs = mom_bench(model, prompt, args.new_tokens, args.reps, VARIANTS[v])
+            label = f"MoM fp32, {v}"
+            row(label, pre, dec, fp32_bytes, f"{dec / llama_f32:.2f}x {base}" + (f"; compile {cs:.0f} s" if cs else ""))
             ratios.append((size, label, dec / llama_f32))
         apply_precision(model, PRECISION_PRESETS["ternary"])
         pack_model(model)
@@ -290,10 +299,10 @@ def main() -> None:
             llama_tq2 = row("MoM ternary packed, reference", *ref_bench(model, prompt, args.new_tokens, args.reps),
                             packed_bytes)
         base = "reference" if args.skip_llamacpp else "llama.cpp TQ2_0"
-        for comp in (False,) if args.no_compile else (False, True):
-            pre, dec, cs = mom_bench(model, prompt, args.new_tokens, args.reps, comp)
-            label = "MoM ternary packed" + (" compiled" if comp else "")
-            row(label, pre, dec, packed_bytes, f"{dec / llama_tq2:.2f}x {base}" + (f"; compile {cs:.0f} s" if comp else ""))
+        for v in variants:
+            pre, dec, cs = mom_bench(model, prompt, args.new_tokens, args.reps, VARIANTS[v])
+            label = f"MoM ternary packed, {v}"
+            row(label, pre, dec, packed_bytes, f"{dec / llama_tq2:.2f}x {base}" + (f"; compile {cs:.0f} s" if cs else ""))
             ratios.append((size, label, dec / llama_tq2))
         del model
     print(f"\n### MoM vs llama.cpp, batch 1, {args.threads} threads, prompt {args.prompt}, {args.new_tokens} new tokens "
