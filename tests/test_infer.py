@@ -1,5 +1,6 @@
 """The inference engine (mom.infer) against the reference network (mom.model): C++ kernels bit-identical to
-BitLinear, engine decoding = full forward, batched = one by one, the eager path without a compiler."""
+BitLinear, engine decoding = full forward (native whole-step and per-layer paths), batched = one by one, skipped
+work not done, the eager path without a compiler."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from mom.infer import kernels
 from mom.infer.engine import Engine
 from mom.infer.generate import generate
 from mom.model.packed import PackedTernaryLinear, pack_model
-from tests.helpers.models import V, build, random_bitlinear
+from tests.helpers.models import MIXTURES, V, build, random_bitlinear
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"C++ kernels: {kernels.why_unavailable()}")
 
@@ -23,7 +24,7 @@ def _bitlinear(fin, fout, bias, seed):
 
 
 @needs_kernels
-@pytest.mark.parametrize("fin,fout", [(8, 5), (64, 96), (130, 70), (256, 33), (384, 200)])
+@pytest.mark.parametrize("fin,fout", [(8, 5), (64, 96), (130, 70), (256, 33), (384, 200), (1100, 9)])
 def test_ternary_kernel_bit_identical_to_bitlinear(fin, fout):
     for bias in (False, True):
         bl = _bitlinear(fin, fout, bias, seed=fin + fout)
@@ -40,10 +41,11 @@ def test_ternary_kernel_bit_identical_to_bitlinear(fin, fout):
 @needs_kernels
 @pytest.mark.parametrize("fin,fout", [(7, 5), (130, 70), (256, 260)])
 def test_dense_kernels_match_f_linear(fin, fout):
+    torch.manual_seed(fin)  # sums of ~256 unit products: fp32 summation order differs by ~1e-5
     w, b = torch.randn(fout, fin), torch.randn(fout)
     for m in (1, 3, 6):
         x = torch.randn(m, fin)
-        torch.testing.assert_close(torch.ops.mom_infer.linear_f32(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.ops.mom_infer.linear_f32(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
         wb = w.bfloat16()
         torch.testing.assert_close(torch.ops.mom_infer.linear_bf16w(x, wb, None), F.linear(x, wb.float()),
                                    rtol=1e-5, atol=1e-5)
@@ -77,7 +79,7 @@ def test_batched_decoding_equals_one_by_one(mod, moa, mhmoe):
 
 def test_mod_skipped_token_costs_no_block_compute():
     model = build(mod=True, precision="bf16").eval()
-    eng = Engine(model)
+    eng = Engine(model, native=False)  # the per-layer path (the native one: test_native_step_reads_only_...)
     calls = []
     for layer in model.model.layers:
         if layer.mod_router is not None and layer.is_attention:
@@ -111,3 +113,88 @@ def test_without_a_compiler_generation_still_works_and_says_why(monkeypatch):
         monkeypatch.undo()
         kernels.reset()
         kernels.available()
+
+
+# ------------------------------------------------------------------------------------------ the native step
+def _native_model(mod, moa, mhmoe, precision, packed, seed=0):
+    # dt_rank 8: a ternary dt_proj with fewer than 8 inputs keeps the engine on its per-layer path
+    model = build(seed=seed, mod=mod, moa=moa, mhmoe=mhmoe, precision=precision, mamba_dt_rank=8).eval()
+    return pack_model(model).eval() if packed else model
+
+
+@needs_kernels
+@pytest.mark.parametrize("precision", ["bf16", "attn_bf16", "ternary"])
+@pytest.mark.parametrize("mod,moa,mhmoe", MIXTURES)
+def test_native_step_equals_full_forward(mod, moa, mhmoe, precision):
+    for packed in (False, True):
+        model = _native_model(mod, moa, mhmoe, precision, packed)
+        eng = Engine(model)
+        assert eng.native is not None, eng.native_why
+        prompt = torch.randint(3, V, (1, 7), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            ref = model(prompt).logits[0]
+        cache = eng.get_cache(1, 16)
+        got = eng.prefill(prompt, None, cache)  # the prompt as rows of one native call
+        torch.testing.assert_close(got[0], ref[-1], rtol=1e-4, atol=1e-4)
+        cache.reset()
+        for t in range(prompt.shape[1]):  # token by token through the decode call
+            logits = eng.step(prompt[:, t], cache)
+            torch.testing.assert_close(logits[0], ref[t], rtol=1e-4, atol=1e-4)
+        out = generate(model, prompt, 10)
+        assert torch.equal(out, generate(model, prompt, 10, use_cache=False)), (packed, precision)
+
+
+@needs_kernels
+@pytest.mark.parametrize("mod,moa,mhmoe", [(False, False, False), (True, True, True), (True, False, True)])
+def test_native_prefill_and_batched_decoding_with_padding(mod, moa, mhmoe):
+    model = _native_model(mod, moa, mhmoe, "ternary", packed=True, seed=3)
+    assert Engine(model).native is not None
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, V, (n,), generator=g) for n in (7, 2, 5, 1)]
+    n = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), n, dtype=torch.long)
+    mask = torch.zeros(len(prompts), n, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, n - len(p):], mask[i, n - len(p):] = p, 1
+    out = generate(model, ids, 6, attention_mask=mask)
+    ref = generate(model, ids, 6, attention_mask=mask, use_cache=False)
+    assert torch.equal(out, ref)
+    for i, p in enumerate(prompts):
+        assert torch.equal(out[i, n:], generate(model, p[None], 6)[0, len(p):]), i
+
+
+@needs_kernels
+def test_native_step_reads_only_the_weights_it_uses():
+    model = _native_model(True, True, False, "bf16", packed=False)  # plain MoE: a token reads 2 of 4 experts
+    skipped_at = [i for i, m in enumerate(model.model.layers) if m.mod_router is not None and m.is_attention]
+    assert skipped_at
+
+    def one_step(bias: float):
+        for i in skipped_at:  # the routed attention blocks take (bias > 0) or skip every token
+            with torch.no_grad():
+                model.model.layers[i].mod_router.proj.weight.zero_()
+                model.model.layers[i].mod_router.proj.bias.fill_(bias)
+        eng = Engine(model)
+        cache = eng.get_cache(1, 8)
+        cache.reset()
+        eng.step(torch.tensor([5]), cache)
+        return eng.native.program.weight_bytes_read(), cache
+
+    routed, _ = one_step(1.0)
+    experts = sum(p.numel() * 4 for n, p in model.named_parameters() if ".experts." in n)
+    total = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert routed <= total - experts / 2  # top-2 of 4 experts: half of the experts' weights are not read
+    skipped, cache = one_step(-1.0)
+    block_bytes = sum(p.numel() * 4 for i in skipped_at for n, p in model.model.layers[i].named_parameters()
+                      if p.dim() == 2 and "mod_router" not in n and ".experts." not in n)
+    assert skipped <= routed - block_bytes  # a skipped block reads nothing but its router
+    assert not any(bool(cache.layers[i].valid[0, 0]) for i in skipped_at)  # and its token is not a key
+
+
+@needs_kernels
+def test_native_step_declines_what_it_cannot_run():
+    model = build(precision="ternary").eval()  # dt_rank 2: a ternary layer with 2 inputs
+    eng = Engine(model)
+    assert eng.native is None and "fewer than 8" not in eng.native_why and "2 inputs" in eng.native_why
+    prompt = torch.randint(3, V, (1, 5))
+    assert torch.equal(generate(model, prompt, 6), generate(model, prompt, 6, use_cache=False))

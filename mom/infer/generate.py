@@ -17,6 +17,7 @@ against).
 
 from __future__ import annotations
 
+import gc
 import time
 import warnings
 from collections.abc import Callable
@@ -66,6 +67,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sam
         logits = engine.prefill(input_ids, attention_mask, cache)
         stats["prefill_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
+        gc_was_on = gc.isenabled()
+        gc.disable()  # a collection walks every object of the model: not between two decode steps
         tokens = input_ids
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         nxt = input_ids[:, -1]
@@ -86,6 +89,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sam
         stats["decode_s"] = time.perf_counter() - t1
         return tokens
     finally:
+        if "gc_was_on" in locals() and gc_was_on:
+            gc.enable()
         model.train(was_training)
 
 

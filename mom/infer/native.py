@@ -148,12 +148,15 @@ class NativeStep:
 
     def __init__(self, program):
         self.program = program
+        self._bound: tuple = (None, [])  # (cache, its state tensors): one list for every step of a cache
+
+    def _state(self, cache: StaticCache) -> list[torch.Tensor]:
+        if self._bound[0] is not cache:
+            self._bound = (cache, _state(cache))
+        return self._bound[1]
 
     def decode(self, tokens: torch.Tensor, cache: StaticCache) -> torch.Tensor:
-        B = tokens.shape[0]
-        rows = torch.arange(B)
-        pos = torch.full((B,), cache.length, dtype=torch.long)
-        logits = self.program.step(tokens, rows, pos, _state(cache), rows)
+        logits = self.program.decode(tokens, cache.length, self._state(cache))
         cache.length += 1
         return logits
 
@@ -170,7 +173,7 @@ class NativeStep:
         last = (pos == T - 1).nonzero().squeeze(1)  # each sequence's last token, in sequence order
         if last.numel() != B:
             raise ValueError("prompts must be left-padded: the attention mask's last column must be all ones")
-        logits = self.program.step(tokens, seq, pos, _state(cache), last)
+        logits = self.program.step(tokens, seq, pos, self._state(cache), last)
         cache.length = T
         return logits
 

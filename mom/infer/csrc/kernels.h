@@ -23,6 +23,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -75,8 +76,20 @@ inline QuantRow quantize_row(const float* x, const float* g, int64_t K, float ep
   ms = ms / static_cast<float>(K);
   ms = ms + eps;
   float r = 1.0f / std::sqrt(ms);
+  // 8 lanes at a time, then the tail: elementwise IEEE operations and an exact max, so the same bits
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 amax8 = _mm256_setzero_ps();
+  int64_t k0 = 0;
+  for (; k0 + 8 <= K; k0 += 8) {
+    __m256 y = _mm256_mul_ps(_mm256_loadu_ps(x + k0), _mm256_loadu_ps(g + k0));
+    _mm256_storeu_ps(tmp + k0, y);
+    amax8 = _mm256_max_ps(amax8, _mm256_andnot_ps(sign, y));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, amax8);
   float amax = 0.0f;
-  for (int64_t k = 0; k < K; ++k) {
+  for (int i = 0; i < 8; ++i) amax = std::max(amax, lanes[i]);
+  for (int64_t k = k0; k < K; ++k) {
     float y = x[k] * g[k];
     tmp[k] = y;
     amax = std::max(amax, std::fabs(y));
@@ -84,7 +97,23 @@ inline QuantRow quantize_row(const float* x, const float* g, int64_t K, float ep
   float floor_ = (1.0f / r) * 1e-5f;  // python's 1e-5 / r is r.reciprocal() * 1e-5
   float scale_y = 127.0f / std::max(amax, floor_);
   int32_t sum = 0;
-  for (int64_t k = 0; k < K; ++k) {
+  const __m256 s8 = _mm256_set1_ps(scale_y), lo = _mm256_set1_ps(-128.0f), hi = _mm256_set1_ps(127.0f);
+  __m256i sum8 = _mm256_setzero_si256();
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  k0 = 0;
+  for (; k0 + 32 <= K; k0 += 32) {  // round, clamp, narrow 32 values to int8 (packs interleave lanes: reorder)
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i) {
+      __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(tmp + k0 + 8 * i), s8),
+                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      q[i] = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, v)));
+      sum8 = _mm256_add_epi32(sum8, q[i]);
+    }
+    __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + k0), _mm256_permutevar8x32_epi32(b, order));
+  }
+  sum = hsum8i(sum8);
+  for (int64_t k = k0; k < K; ++k) {
     float q = std::nearbyint(tmp[k] * scale_y);
     q = std::min(127.0f, std::max(-128.0f, q));
     xq[k] = static_cast<int8_t>(q);
@@ -129,6 +158,48 @@ inline void code_dots(const uint8_t* w, int64_t K, int64_t K4, const int8_t* con
       for (int i = 0; i < 4; ++i) {
         int64_t k = 4 * b + i;
         if (k < K) s += static_cast<int32_t>((byte >> (2 * i)) & 3) * xq[r][k];
+      }
+    }
+    out[r] = s;
+  }
+}
+
+// The same for 4 packed rows (w, w + K4, w + 2 K4, w + 3 K4) against one activation row: each activation
+// load serves four weight rows, and the products add up in int16 over 8 blocks before widening (per block
+// |sum| <= 4 * 2 * 2 * 128 = 2048, so 8 blocks stay below 2^15).
+inline void code_dots_4rows(const uint8_t* w, int64_t K, int64_t K4, const int8_t* xp, const int8_t* xq, int32_t* out) {
+  const __m256i m3 = _mm256_set1_epi8(3);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+  const int64_t nfull = K / 128;
+  for (int64_t j0 = 0; j0 < nfull; j0 += 8) {
+    const int64_t j1 = std::min<int64_t>(nfull, j0 + 8);
+    __m256i p16[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+    for (int64_t j = j0; j < j1; ++j) {
+      const int8_t* x = xp + 128 * j;
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32));
+      const __m256i x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64));
+      const __m256i x3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 96));
+      for (int r = 0; r < 4; ++r) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K4 + 32 * j));
+        __m256i p = _mm256_maddubs_epi16(_mm256_and_si256(v, m3), x0);
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 2), m3), x1));
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m3), x2));
+        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 6), m3), x3));
+        p16[r] = _mm256_add_epi16(p16[r], p);
+      }
+    }
+    for (int r = 0; r < 4; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p16[r], ones));
+  }
+  for (int r = 0; r < 4; ++r) {
+    int32_t s = hsum8i(acc[r]);
+    const uint8_t* wr = w + r * K4;
+    for (int64_t b = 32 * nfull; b < K4; ++b) {
+      uint8_t byte = wr[b];
+      for (int i = 0; i < 4; ++i) {
+        int64_t k = 4 * b + i;
+        if (k < K) s += static_cast<int32_t>((byte >> (2 * i)) & 3) * xq[k];
       }
     }
     out[r] = s;
@@ -246,6 +317,17 @@ inline void run_tile(const LinearJob& j, int64_t n0, int64_t n1) {
   if (L.kind == Kind::TERNARY) {
     const uint8_t* wd = static_cast<const uint8_t*>(L.w);
     int32_t dots[4];
+    if (n1 - n0 == 4 && M < 4) {  // decoding: four weight rows share each activation load
+      for (int64_t m = 0; m < M; ++m) {
+        code_dots_4rows(wd + n0 * L.K4, K, L.K4, j.xp.data() + m * j.Kp, j.xq.data() + m * j.Kp, dots);
+        for (int r = 0; r < 4; ++r) {
+          float v = static_cast<float>(dots[r] - j.xsum[m]) * j.scale[m];
+          if (L.bias) v = v + L.bias[n0 + r];
+          j.y[m * N + n0 + r] = v;
+        }
+      }
+      return;
+    }
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* w = wd + n * L.K4;
       for (int64_t m = 0; m < M; m += 4) {
@@ -293,7 +375,9 @@ inline int64_t weight_bytes(const LinearWeights& L) {
   return L.kind == Kind::TERNARY ? L.N * L.K4 : L.N * L.K * (L.kind == Kind::F32 ? 4 : 2);
 }
 
-// Run every job; tiles of 4 output rows of all jobs are split over the threads in one parallel region.
+// Run every job. Tiles of 4 output rows of all jobs form one range that the threads take in chunks from a
+// shared counter (one parallel region for all the jobs; a thread that starts late or runs slower takes fewer
+// chunks instead of making the others wait at the barrier).
 inline void run_linears(std::vector<LinearJob>& jobs) {
   std::vector<int64_t> before{0};
   int64_t bytes = 0;
@@ -304,9 +388,7 @@ inline void run_linears(std::vector<LinearJob>& jobs) {
   }
   const int64_t total = before.back();
   if (total == 0) return;
-  // below ~64 KiB of weights a second thread costs more than it saves
-  const int64_t grain = bytes < (64 << 10) ? total : std::max<int64_t>(1, total / (4 * at::get_num_threads()));
-  at::parallel_for(0, total, grain, [&](int64_t t0, int64_t t1) {
+  auto run = [&](int64_t t0, int64_t t1) {
     size_t jn = std::upper_bound(before.begin(), before.end(), t0) - before.begin() - 1;
     for (int64_t t = t0; t < t1; ++t) {
       while (t >= before[jn + 1]) ++jn;
@@ -314,6 +396,16 @@ inline void run_linears(std::vector<LinearJob>& jobs) {
       const int64_t n0 = 4 * (t - before[jn]);
       run_tile(j, n0, std::min<int64_t>(n0 + 4, j.L->N));
     }
+  };
+  const int64_t threads = at::get_num_threads();
+  if (threads == 1 || bytes < (64 << 10) || at::in_parallel_region()) {  // a second thread would cost more
+    run(0, total);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  const int64_t chunk = std::max<int64_t>(1, total / (8 * threads));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t t0; (t0 = next.fetch_add(chunk)) < total;) run(t0, std::min(total, t0 + chunk));
   });
 }
 
@@ -345,23 +437,59 @@ inline void conv_step_row(const float* u, float* state, const float* w, const fl
   }
 }
 
+// exp of 8 floats (Cephes-style: 2^n times a degree-6 polynomial on [-ln2/2, ln2/2], ~1 ulp), written with
+// explicit FMAs (the file is built with -ffp-contract=off)
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
 // Mamba's recurrent update for one token, channels d0..d1 of one sequence: dt = softplus(dt),
 // h = exp(dt A) h + dt u B, y = (h . C + D u) * silu(z).  h: (D, N) state, A: (D, N).
 inline void ssm_step_row(float* h, const float* u, const float* dt, const float* A, const float* Bv, const float* Cv,
                          const float* Dv, const float* z, int64_t d0, int64_t d1, int64_t N, float* y) {
+  const int64_t N8 = N / 8 * 8;
   for (int64_t d = d0; d < d1; ++d) {
     float dtv = dt[d];
     dtv = dtv > 20.0f ? dtv : std::log1p(std::exp(dtv));
     const float du = dtv * u[d];
     float* hd = h + d * N;
     const float* a = A + d * N;
-    float acc = 0.0f;
-    for (int64_t n = 0; n < N; ++n) {
+    __m256 acc8 = _mm256_setzero_ps();
+    const __m256 dt8 = _mm256_set1_ps(dtv), du8 = _mm256_set1_ps(du);
+    for (int64_t n = 0; n < N8; n += 8) {
+      __m256 hv = _mm256_loadu_ps(hd + n);
+      hv = _mm256_add_ps(_mm256_mul_ps(hv, exp8(_mm256_mul_ps(dt8, _mm256_loadu_ps(a + n)))),
+                         _mm256_mul_ps(du8, _mm256_loadu_ps(Bv + n)));
+      _mm256_storeu_ps(hd + n, hv);
+      acc8 = _mm256_add_ps(acc8, _mm256_mul_ps(hv, _mm256_loadu_ps(Cv + n)));
+    }
+    float acc = hsum8(acc8);
+    for (int64_t n = N8; n < N; ++n) {
       hd[n] = hd[n] * std::exp(dtv * a[n]) + du * Bv[n];
       acc += hd[n] * Cv[n];
     }
     y[d] = (acc + Dv[d] * u[d]) * silu(z[d]);
   }
+}
+
+// the same over all channels, split over the threads when there are enough
+inline void ssm_step(float* h, const float* u, const float* dt, const float* A, const float* Bv, const float* Cv,
+                     const float* Dv, const float* z, int64_t D, int64_t N, float* y) {
+  const int64_t grain = D * N >= 8192 ? (D + at::get_num_threads() - 1) / at::get_num_threads() : D;
+  at::parallel_for(0, D, grain, [&](int64_t d0, int64_t d1) { ssm_step_row(h, u, dt, A, Bv, Cv, Dv, z, d0, d1, N, y); });
 }
 
 }  // namespace mom_kernels

@@ -79,6 +79,7 @@ struct Program : torch::CustomClassHolder {
   // the state tensors of the current call, per block: attention (k, v, valid), Mamba (conv, ssm)
   std::vector<at::Tensor> state;
   std::vector<int64_t> state_at;
+  int64_t bytes_read = 0;  // weight bytes the last call streamed (each linear layer once per call to it)
 
   // ------------------------------------------------------------------------------------------ building
   int64_t add_linear(int64_t kind, int64_t in_features, at::Tensor weight, std::optional<at::Tensor> bias,
@@ -172,6 +173,7 @@ struct Program : torch::CustomClassHolder {
       if (c.n == 0) continue;
       LinearJob j;
       j.L = &lins[c.id];
+      bytes_read += weight_bytes(*j.L);
       j.x = c.x;
       j.M = c.n;
       j.y = c.y;
@@ -293,18 +295,19 @@ struct Program : torch::CustomClassHolder {
   }
 
   // softmax(q . K / sqrt(hd)) V over the valid keys 0..p of sequence b, KV head h (own key always seen)
-  void attend(const float* q, int64_t b, int64_t p, int64_t h, const at::Tensor& K, const at::Tensor& V,
-              const bool* valid, float* o, std::vector<float>& sc) {
+  static void attend(const float* q, int64_t b, int64_t p, int64_t h, const at::Tensor& K, const at::Tensor& V,
+                     const bool* valid, float* o, std::vector<float>& sc) {
     const int64_t Hkv = K.size(1), L = K.size(2), hd = K.size(3);
     const float* kb = K.data_ptr<float>() + ((b * Hkv + h) * L) * hd;
     const float* vb = V.data_ptr<float>() + ((b * Hkv + h) * L) * hd;
     const bool* ok = valid + b * L;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    sc.resize(p + 1);
-    float mx = -std::numeric_limits<float>::infinity();
+    const float ninf = -std::numeric_limits<float>::infinity();
+    sc.resize((p + 8) / 8 * 8);
+    float mx = ninf;
     for (int64_t t = 0; t <= p; ++t) {
       if (!ok[t] && t != p) {
-        sc[t] = -std::numeric_limits<float>::infinity();
+        sc[t] = ninf;
         continue;
       }
       const float* kt = kb + t * hd;
@@ -316,15 +319,46 @@ struct Program : torch::CustomClassHolder {
       sc[t] = s * scale;
       mx = std::max(mx, sc[t]);
     }
-    float tot = 0.f;
-    for (int64_t t = 0; t <= p; ++t) tot += (sc[t] = std::exp(sc[t] - mx));
+    for (int64_t t = p + 1; t < static_cast<int64_t>(sc.size()); ++t) sc[t] = ninf;
+    __m256 tot8 = _mm256_setzero_ps();
+    const __m256 mx8 = _mm256_set1_ps(mx);
+    for (int64_t t = 0; t <= p; t += 8) {  // exp(-inf - mx) underflows to 0 in exp8's clamp: masked keys drop out
+      __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(&sc[t]), mx8));
+      e = _mm256_and_ps(e, _mm256_cmp_ps(_mm256_loadu_ps(&sc[t]), _mm256_set1_ps(ninf), _CMP_NEQ_OQ));
+      _mm256_storeu_ps(&sc[t], e);
+      tot8 = _mm256_add_ps(tot8, e);
+    }
+    const float inv = 1.0f / hsum8(tot8);
     std::fill(o, o + hd, 0.f);
     for (int64_t t = 0; t <= p; ++t) {
       if (sc[t] == 0.f) continue;
-      const float w = sc[t] / tot;
+      const float w = sc[t] * inv;
       const float* vt = vb + t * hd;
       for (int64_t j = 0; j < hd; ++j) o[j] += w * vt[j];
     }
+  }
+
+  // Heads of several rows against the cache: tasks (query, row, KV head, output), split over the threads when
+  // the contexts are long enough to pay for it
+  struct Head {
+    const float* q;
+    int64_t row, kv;
+    float* o;
+  };
+
+  static void attend_all(const std::vector<Head>& heads, const Rows& rows, const at::Tensor& K, const at::Tensor& V,
+                         const bool* ok) {
+    int64_t work = 0;
+    for (const auto& h : heads) work += rows.pos[h.row] + 1;
+    work *= K.size(3);
+    const int64_t n = static_cast<int64_t>(heads.size());
+    at::parallel_for(0, n, work < (1 << 16) ? n : 1, [&](int64_t i0, int64_t i1) {
+      std::vector<float> sc;
+      for (int64_t i = i0; i < i1; ++i) {
+        const Head& h = heads[i];
+        attend(h.q, rows.seq[h.row], rows.pos[h.row], h.kv, K, V, ok, h.o, sc);
+      }
+    });
   }
 
   Buf attention(const Attention& a, const float* xn, const Rows& rows, int64_t layer) {
@@ -343,13 +377,13 @@ struct Program : torch::CustomClassHolder {
       }
       ok[b * L + p] = true;
     }
-    std::vector<float> sc;
+    std::vector<Head> heads;
     if (a.router < 0) {  // grouped-query attention: query head j meets KV head j / (H / Hkv)
       const int64_t H = a.heads, group = H / Hkv;
       Buf q = linear(a.q[0], xn, n), o(n * H * hd);
       for (int64_t i = 0; i < n; ++i)
-        for (int64_t j = 0; j < H; ++j)
-          attend(&q[(i * H + j) * hd], rows.seq[i], rows.pos[i], j / group, K, V, ok, &o[(i * H + j) * hd], sc);
+        for (int64_t j = 0; j < H; ++j) heads.push_back({&q[(i * H + j) * hd], i, j / group, &o[(i * H + j) * hd]});
+      attend_all(heads, rows, K, V, ok);
       return linear(a.o[0], o.data(), n);
     }
     // mixture of attention heads: each chosen expert's query heads meet KV heads 0..Hkv-1 in order
@@ -367,8 +401,8 @@ struct Program : torch::CustomClassHolder {
     }
     Buf q = grouped(a.q, xn, d, items, expert, width), o(n * k * width);
     for (int64_t it = 0; it < n * k; ++it)
-      for (int64_t h = 0; h < Hkv; ++h)
-        attend(&q[it * width + h * hd], rows.seq[items[it]], rows.pos[items[it]], h, K, V, ok, &o[it * width + h * hd], sc);
+      for (int64_t h = 0; h < Hkv; ++h) heads.push_back({&q[it * width + h * hd], items[it], h, &o[it * width + h * hd]});
+    attend_all(heads, rows, K, V, ok);
     std::vector<int64_t> self(n * k);
     std::iota(self.begin(), self.end(), 0);
     Buf y = grouped(a.o, o.data(), width, self, expert, d), out(n * d);
@@ -419,8 +453,8 @@ struct Program : torch::CustomClassHolder {
         Cn = norm(m.c_norm, dbc.data() + r + N, n, N, w);
     Buf dt = linear(m.dt_proj, dtn.data(), n), y(n * Di);
     for (int64_t i = 0; i < n; ++i)
-      ssm_step_row(ssm.data_ptr<float>() + rows.seq[i] * Di * N, &u[i * Di], &dt[i * Di], m.A.data_ptr<float>(),
-                   &Bn[i * N], &Cn[i * N], m.D.data_ptr<float>(), &xz[i * 2 * Di + Di], 0, Di, N, &y[i * Di]);
+      ssm_step(ssm.data_ptr<float>() + rows.seq[i] * Di * N, &u[i * Di], &dt[i * Di], m.A.data_ptr<float>(), &Bn[i * N],
+               &Cn[i * N], m.D.data_ptr<float>(), &xz[i * 2 * Di + Di], Di, N, &y[i * Di]);
     return linear(m.out_proj, y.data(), n);
   }
 
@@ -475,14 +509,11 @@ struct Program : torch::CustomClassHolder {
   }
 
   // ------------------------------------------------------------------------------------------ the step
-  at::Tensor step(at::Tensor tokens, at::Tensor seq, at::Tensor pos, std::vector<at::Tensor> st, at::Tensor out_rows) {
+  // rows (tokens, sequences, positions) through the network; logits of the rows in `out`
+  at::Tensor forward(const int64_t* tk, const Rows& rows, std::vector<at::Tensor> st, const std::vector<int64_t>& out) {
     TORCH_CHECK(embed.defined(), "step: the program has no output layer (set_output)");
-    tokens = tokens.contiguous().to(at::kLong);
-    seq = seq.contiguous().to(at::kLong);
-    pos = pos.contiguous().to(at::kLong);
-    out_rows = out_rows.contiguous().to(at::kLong);
-    const int64_t n = tokens.numel(), d = hidden, V = embed.size(0);
-    TORCH_CHECK(seq.numel() == n && pos.numel() == n, "step: tokens, seq and pos differ in length");
+    const int64_t n = rows.n(), d = hidden, V = embed.size(0);
+    bytes_read = 0;
     state = std::move(st);
     state_at.clear();
     int64_t at_ = 0;
@@ -492,24 +523,46 @@ struct Program : torch::CustomClassHolder {
     }
     TORCH_CHECK(at_ == static_cast<int64_t>(state.size()), "step: ", state.size(), " state tensors for ", at_);
     for (const auto& t : state) TORCH_CHECK(t.is_contiguous(), "step: state tensors must be contiguous");
-    Rows rows;
-    rows.seq.assign(seq.data_ptr<int64_t>(), seq.data_ptr<int64_t>() + n);
-    rows.pos.assign(pos.data_ptr<int64_t>(), pos.data_ptr<int64_t>() + n);
     Buf x(n * d);
-    const int64_t* tk = tokens.data_ptr<int64_t>();
     for (int64_t i = 0; i < n; ++i) {
       TORCH_CHECK(tk[i] >= 0 && tk[i] < V, "step: token id ", tk[i], " outside the vocabulary of ", V);
       std::memcpy(&x[i * d], embed.data_ptr<float>() + tk[i] * d, d * sizeof(float));
     }
     for (size_t l = 0; l < blocks.size(); ++l) block(blocks[l], static_cast<int64_t>(l), x, rows);
-    const int64_t no = out_rows.numel();
+    const int64_t no = static_cast<int64_t>(out.size());
     Buf last(no * d);
-    for (int64_t j = 0; j < no; ++j) std::memcpy(&last[j * d], &x[out_rows.data_ptr<int64_t>()[j] * d], d * sizeof(float));
+    for (int64_t j = 0; j < no; ++j) std::memcpy(&last[j * d], &x[out[j] * d], d * sizeof(float));
     Buf xn = norm(final_norm, last.data(), no, d, d);
     at::Tensor logits = at::empty({no, lins[lm_head].N}, at::kFloat);
     linears({{lm_head, xn.data(), no, logits.data_ptr<float>()}});
     state.clear();
     return logits;
+  }
+
+  static std::vector<int64_t> longs(const at::Tensor& t) {
+    at::Tensor c = t.contiguous().to(at::kLong);
+    return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+  }
+
+  // any rows: prefill (a prompt's tokens), or several sequences at different positions
+  at::Tensor step(at::Tensor tokens, at::Tensor seq, at::Tensor pos, std::vector<at::Tensor> st, at::Tensor out_rows) {
+    std::vector<int64_t> tk = longs(tokens);
+    Rows rows{longs(seq), longs(pos)};
+    TORCH_CHECK(rows.n() == static_cast<int64_t>(tk.size()) && rows.pos.size() == tk.size(),
+                "step: tokens, seq and pos differ in length");
+    return forward(tk.data(), rows, std::move(st), longs(out_rows));
+  }
+
+  // one new token for each of the B sequences, all at position `pos`: logits (B, V)
+  at::Tensor decode(at::Tensor tokens, int64_t pos, std::vector<at::Tensor> st) {
+    std::vector<int64_t> tk = longs(tokens);
+    const int64_t B = static_cast<int64_t>(tk.size());
+    Rows rows;
+    for (int64_t b = 0; b < B; ++b) {
+      rows.seq.push_back(b);
+      rows.pos.push_back(pos);
+    }
+    return forward(tk.data(), rows, std::move(st), rows.seq);
   }
 };
 
@@ -525,5 +578,7 @@ TORCH_LIBRARY_FRAGMENT(mom_infer, m) {
       .def("add_ffn", &Program::add_ffn)
       .def("add_block", &Program::add_block)
       .def("set_output", &Program::set_output)
-      .def("step", &Program::step);
+      .def("step", &Program::step)
+      .def("decode", &Program::decode)
+      .def("weight_bytes_read", [](const c10::intrusive_ptr<Program>& self) { return self->bytes_read; });
 }
