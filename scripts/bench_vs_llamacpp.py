@@ -24,6 +24,7 @@ weight; llama.cpp's TQ2_0 rows use the GGUF file's bytes per weight). Not part o
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -157,6 +158,16 @@ def llama_bench(bins: Path, gguf: Path, threads: int, prompt: int, new: int, rep
     return pp, tg
 
 
+def llama_batched(bins: Path, gguf: Path, threads: int, prompt: int, new: int, batch: int) -> float:
+    """Decode tokens/s of ``batch`` sequences together (llama-batched-bench, separate prompts)."""
+    ctx = max(2048, batch * (prompt + new) + 64)  # smaller contexts print no result row
+    res = subprocess.run([str(bins / "llama-batched-bench"), "-m", str(gguf), "-t", str(threads), "-tb", str(threads),
+                          "-c", str(ctx), "-npp", str(prompt), "-ntg", str(new), "-npl", str(batch),
+                          "--output-format", "jsonl"], check=True, capture_output=True, text=True)
+    row = json.loads([ln for ln in res.stdout.splitlines() if ln.startswith("{")][-1])
+    return row["speed_tg"]
+
+
 # ----------------------------------------------------------------------------------------------- MoM
 def read_bandwidth() -> float:
     """Bytes/s of a plain read (sum of a 256 MiB fp32 tensor), best of 5."""
@@ -199,37 +210,31 @@ VARIANTS = {"native step": dict(native=None), "per-layer step": dict(native=Fals
             "per-layer step, compiled": dict(native=False, compile=True)}
 
 
-def mom_bench(model, prompt: torch.Tensor, new: int, reps: int, variant: dict) -> tuple[float, float, float]:
-    """(prefill tok/s, decode tok/s, compile seconds) through mom.infer.generate."""
+def mom_bench(model, prompt: torch.Tensor, new: int, variant: dict) -> tuple[float, float, float]:
+    """(prefill tok/s, decode tok/s, compile seconds) of one generate call on the engine (B = prompt rows:
+    decode tok/s counts every sequence's tokens)."""
     from mom.infer import generate
 
     st: dict = {}
-    generate(model, prompt, 4, stats=st, **variant)  # warm-up (and compilation, timed apart)
+    generate(model, prompt[:, :4], 2, stats=st, **variant)  # warm-up (and compilation, timed apart)
     if variant.get("native") is None and not st["native"]:
         raise SystemExit("the native step is not in use (C++ kernels unavailable?)")
     comp = st["compile_s"]
-    pre, dec = [], []
-    for _ in range(reps):
-        generate(model, prompt, new, stats=st, **variant)
-        pre.append(prompt.shape[1] / st["prefill_s"])
-        dec.append((st["new_tokens"] - 1) / st["decode_s"])
-    return statistics.median(pre), statistics.median(dec), comp
+    generate(model, prompt, new, stats=st, **variant)
+    B, T = prompt.shape
+    return B * T / st["prefill_s"], B * (st["new_tokens"] - 1) / st["decode_s"], comp
 
 
-def ref_bench(model, prompt: torch.Tensor, new: int, reps: int) -> tuple[float, float]:
+def ref_bench(model, prompt: torch.Tensor, new: int) -> tuple[float, float]:
     """(prefill tok/s, decode tok/s) of the reference cached decoding (mom.model.generation), per-token times
     from its streamer."""
     from mom.model.generation import generate as reference_generate
 
-    pre, dec = [], []
     reference_generate(model, prompt, 4)
-    for _ in range(reps):
-        stamps = []
-        t0 = time.perf_counter()
-        reference_generate(model, prompt, new, streamer=lambda _t, s=stamps: s.append(time.perf_counter()))
-        pre.append(prompt.shape[1] / (stamps[0] - t0))
-        dec.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    return statistics.median(pre), statistics.median(dec)
+    stamps = []
+    t0 = time.perf_counter()
+    reference_generate(model, prompt, new, streamer=lambda _t, s=stamps: s.append(time.perf_counter()))
+    return prompt.shape[1] / (stamps[0] - t0), (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
 def table(header, rows) -> str:
@@ -244,7 +249,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="rounds; each round runs every engine once (medians)")
+    ap.add_argument("--batch", default="", help="also decode B sequences together, e.g. 8,32 (llama-batched-bench)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--skip-llamacpp", action="store_true",
                     help="MoM only: the engine against the reference cached decoding (mom.model.generation)")
@@ -259,56 +265,82 @@ def main() -> None:
 
     bins, src = (None, None) if args.skip_llamacpp else build_llamacpp(args.cache)
     bw = read_bandwidth()
-    rows, ratios = [], []
-    prompt = torch.randint(3, 4096, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    rows, batched_rows = [], []
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, 4096, (1, args.prompt), generator=gen)
+    variants = [v for v in VARIANTS if not (args.no_compile and "compiled" in v)]
     for size in args.sizes.split(","):
         hf_dir = args.cache / "models" / f"jamba-{size}"
         hf = make_jamba(size, hf_dir)
         model = from_hf_jamba(hf).eval()
         del hf
         n_params = model.num_parameters() / 1e6
-        fp32_bytes = active_weight_bytes(model)
+        name = f"{size} ({n_params:.1f}M)"
+        packed = pack_model(apply_precision(copy.deepcopy(model), PRECISION_PRESETS["ternary"]))
+        fp32_bytes, packed_bytes = active_weight_bytes(model), active_weight_bytes(packed)
+        head = model.lm_head.weight.numel()
+        bf16_bytes = packed_bytes - head * 2  # the packed model with its fp32 head read as bf16
 
-        def row(label, pre, dec, nbytes, extra="", name=f"{size} ({n_params:.1f}M)"):
-            floor = bw / nbytes
-            rows.append([name, label, f"{pre:,.0f}", f"{dec:,.1f}", f"{nbytes / 2**20:,.1f}",
-                         f"{floor:,.0f}", f"{100 * dec / floor:.0f}%", extra])
-            return dec
-
-        if args.skip_llamacpp:  # baseline: the reference cached decoding of mom.model
-            llama_f32 = row("MoM reference (mom.model.generation)", *ref_bench(model, prompt, args.new_tokens,
-                                                                               args.reps), fp32_bytes)
+        # every engine of this size: label -> (run once -> (prefill, decode), bytes/token, baseline label)
+        engines: dict = {}
+        if args.skip_llamacpp:
+            engines["MoM reference (mom.model.generation)"] = (lambda m=model: ref_bench(m, prompt, args.new_tokens),
+                                                               fp32_bytes, None)
+            engines["MoM ternary packed, reference"] = (lambda m=packed: ref_bench(m, prompt, args.new_tokens),
+                                                        packed_bytes, None)
+            base32, base2 = "MoM reference (mom.model.generation)", "MoM ternary packed, reference"
         else:
             f32, tq2 = to_gguf(hf_dir, src, bins)
             tq2_bytes = fp32_bytes * tq2.stat().st_size / f32.stat().st_size
-            llama_f32 = row("llama.cpp F32", *llama_bench(bins, f32, args.threads, args.prompt, args.new_tokens,
-                                                          args.reps), fp32_bytes)
-            llama_tq2 = row("llama.cpp TQ2_0", *llama_bench(bins, tq2, args.threads, args.prompt, args.new_tokens,
-                                                           args.reps), tq2_bytes)
-        base = "reference" if args.skip_llamacpp else "llama.cpp F32"
-        variants = [v for v in VARIANTS if not (args.no_compile and "compiled" in v)]
+            engines["llama.cpp F32"] = (lambda f=f32: llama_bench(bins, f, args.threads, args.prompt, args.new_tokens, 1),
+                                        fp32_bytes, None)
+            engines["llama.cpp TQ2_0"] = (lambda f=tq2: llama_bench(bins, f, args.threads, args.prompt, args.new_tokens,
+                                                                     1), tq2_bytes, None)
+            base32, base2 = "llama.cpp F32", "llama.cpp TQ2_0"
         for v in variants:
-            pre, dec, cs = mom_bench(model, prompt, args.new_tokens, args.reps, VARIANTS[v])
-            label = f"MoM fp32, {v}"
-            row(label, pre, dec, fp32_bytes, f"{dec / llama_f32:.2f}x {base}" + (f"; compile {cs:.0f} s" if cs else ""))
-            ratios.append((size, label, dec / llama_f32))
-        apply_precision(model, PRECISION_PRESETS["ternary"])
-        pack_model(model)
-        packed_bytes = active_weight_bytes(model)
-        if args.skip_llamacpp:
-            llama_tq2 = row("MoM ternary packed, reference", *ref_bench(model, prompt, args.new_tokens, args.reps),
-                            packed_bytes)
-        base = "reference" if args.skip_llamacpp else "llama.cpp TQ2_0"
+            engines[f"MoM fp32, {v}"] = (lambda v=v, m=model: mom_bench(m, prompt, args.new_tokens, VARIANTS[v])[:2],
+                                         fp32_bytes, base32)
         for v in variants:
-            pre, dec, cs = mom_bench(model, prompt, args.new_tokens, args.reps, VARIANTS[v])
-            label = f"MoM ternary packed, {v}"
-            row(label, pre, dec, packed_bytes, f"{dec / llama_tq2:.2f}x {base}" + (f"; compile {cs:.0f} s" if cs else ""))
-            ratios.append((size, label, dec / llama_tq2))
-        del model
-    print(f"\n### MoM vs llama.cpp, batch 1, {args.threads} threads, prompt {args.prompt}, {args.new_tokens} new tokens "
-          f"(read bandwidth {bw / 1e9:.1f} GB/s)\n")
+            engines[f"MoM ternary packed, {v}"] = (
+                lambda v=v, m=packed: mom_bench(m, prompt, args.new_tokens, VARIANTS[v])[:2], packed_bytes, base2)
+        engines["MoM ternary packed, native step, bf16 head"] = (
+            lambda m=packed: mom_bench(m, prompt, args.new_tokens, dict(high_precision="bf16"))[:2], bf16_bytes,
+            base2)
+
+        results: dict = {k: [] for k in engines}
+        for _ in range(args.reps):  # rounds: a slow spell of this shared machine hits every engine alike
+            for label, (fn, _b, _base) in engines.items():
+                results[label].append(fn())
+        med = {k: (statistics.median(p for p, _ in r), statistics.median(d for _, d in r)) for k, r in results.items()}
+        for label, (_fn, nbytes, base) in engines.items():
+            pre, dec = med[label]
+            floor = bw / nbytes
+            ratio = f"{dec / med[base][1]:.2f}x {base}" if base else ""
+            rows.append([name, label, f"{pre:,.0f}", f"{dec:,.1f}", f"{nbytes / 2**20:,.1f}", f"{floor:,.0f}",
+                         f"{100 * dec / floor:.0f}%", ratio])
+
+        for B in [int(b) for b in args.batch.split(",") if b]:  # several sequences decoded together
+            prompts = torch.randint(3, 4096, (B, args.prompt), generator=gen)
+            pairs = [("F32", model, dict()), ("TQ2_0", packed, dict())]
+            for kind, m, variant in pairs:
+                mine, theirs = [], []
+                for _ in range(args.reps):
+                    mine.append(mom_bench(m, prompts, args.new_tokens, variant)[1])
+                    if not args.skip_llamacpp:
+                        f = to_gguf(hf_dir, src, bins)[0 if kind == "F32" else 1]
+                        theirs.append(llama_batched(bins, f, args.threads, args.prompt, args.new_tokens, B))
+                mom_tps = statistics.median(mine)
+                ll = statistics.median(theirs) if theirs else float("nan")
+                batched_rows.append([name, B, "fp32" if kind == "F32" else "ternary packed", f"{mom_tps:,.1f}",
+                                     f"{ll:,.1f}", f"{mom_tps / ll:.2f}x"])
+    print(f"\n### MoM vs llama.cpp, batch 1, {args.threads} threads, prompt {args.prompt}, {args.new_tokens} new tokens, "
+          f"median of {args.reps} interleaved rounds (read bandwidth {bw / 1e9:.1f} GB/s)\n")
     print(table(["model", "engine", "prefill tok/s", "decode tok/s", "weights read/token (MiB)", "floor tok/s",
-                 "of floor", "MoM / llama.cpp"], rows))
+                 "of floor", "MoM / baseline"], rows))
+    if batched_rows:
+        print(f"\n### Batched decoding: B sequences of {args.prompt} prompt tokens, {args.new_tokens} new tokens each, "
+              f"decode tokens/s of all sequences (llama.cpp: llama-batched-bench)\n")
+        print(table(["model", "B", "MoM weights", "MoM tok/s", "llama.cpp tok/s", "MoM / llama.cpp"], batched_rows))
 
 
 if __name__ == "__main__":

@@ -198,3 +198,24 @@ def test_native_step_declines_what_it_cannot_run():
     assert eng.native is None and "fewer than 8" not in eng.native_why and "2 inputs" in eng.native_why
     prompt = torch.randint(3, V, (1, 5))
     assert torch.equal(generate(model, prompt, 6), generate(model, prompt, 6, use_cache=False))
+
+
+@needs_kernels
+def test_bf16_high_precision_weights_close_to_fp32():
+    model = _native_model(True, True, True, "ternary", packed=True)  # the preset keeps lm_head "bf16"
+    prompt = torch.randint(3, V, (1, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(prompt).logits[0, -1]
+    for native in (None, False):
+        eng = Engine(model, native=native, high_precision="bf16")
+        assert (eng.native is not None) == (native is None)
+        cache = eng.get_cache(1, 8)
+        got = eng.prefill(prompt, None, cache)[0] if native is None else None
+        if got is None:
+            cache.reset()
+            for t in range(prompt.shape[1]):
+                got = eng.step(prompt[:, t], cache)[0]
+        err = float((got - ref).abs().max())
+        assert 0 < err < 0.05 * float(ref.abs().max()), err  # rounded (not equal) but close
+    with pytest.raises(ValueError, match="high_precision"):
+        Engine(model, high_precision="fp16")

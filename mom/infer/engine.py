@@ -13,9 +13,12 @@ With the kernels built and an fp32 model, the whole step is one native call (``m
 each linear layer on its kernel, and without the kernels (no compiler, non-x86 CPU, non-fp32 model) each
 layer is called as it is (eager). ``step(tokens, cache)`` advances B sequences by one token and returns the
 next-token logits (B, V). Both paths mirror ``mom.model`` (the reference every fast path is tested against)
-with what decoding allows:
-a token that Mixture of Depths skips costs no block compute (batch of one), MoE / MH-MoE / MoA read only the
-chosen experts' weights, and the mixer's K/V land in preallocated buffers.
+with what decoding allows: a token that Mixture of Depths skips costs no block compute, MoE / MH-MoE / MoA
+read only the chosen experts' weights, and the mixer's K/V land in preallocated buffers.
+
+``high_precision="bf16"`` keeps the plain (non-ternary) linear layers, the presets' "bf16" components such
+as ``lm_head``, in bf16: half their bytes, and the weight rounding bf16-mixed training computes them with,
+but not the fp32 reference forward (logits differ by ~1e-3). The default "fp32" reads the checkpoint as is.
 """
 
 from __future__ import annotations
@@ -37,10 +40,11 @@ from mom.model.experts import stable_top_k, top_k_routing
 from mom.model.moe import MLP, MultiHeadMoE, SparseMoE
 from mom.model.packed import PackedTernaryLinear, pack_ternary
 
+HIGH_PRECISION = ("fp32", "bf16")
 _MIN_K = 8  # below 8 inputs torch's norm takes another summation order than the kernel reproduces
 
 
-def _fast_linear(module: nn.Module, use_kernels: bool):
+def _fast_linear(module: nn.Module, use_kernels: bool, bf16: bool = False):
     """A callable (M, in) -> (M, out) for one linear layer."""
     if not use_kernels:
         return module
@@ -60,6 +64,7 @@ def _fast_linear(module: nn.Module, use_kernels: bool):
         bias = module.bias.detach() if module.bias is not None else None
     elif type(module) is nn.Linear:
         w = module.weight.detach()
+        w = w.to(torch.bfloat16) if bf16 and w.dtype == torch.float32 else w
         b = module.bias.detach() if module.bias is not None else None
         if w.dtype == torch.float32:
             return lambda x: ops.linear_f32(x, w, b)
@@ -76,27 +81,32 @@ def _fast_linear(module: nn.Module, use_kernels: bool):
 class Engine:
     """Decode-step engine for one model (see the module docstring)."""
 
-    def __init__(self, model, use_kernels: bool | None = None, native: bool | None = None):
+    def __init__(self, model, use_kernels: bool | None = None, native: bool | None = None,
+                 high_precision: str = "fp32"):
         self.model = model
         self.config = model.config
         dtype = model.model.embed_tokens.weight.dtype
         if use_kernels is None:
             use_kernels = dtype == torch.float32 and model.model.embed_tokens.weight.device.type == "cpu"
             use_kernels = use_kernels and kernels.available()
+        if high_precision not in HIGH_PRECISION:
+            raise ValueError(f"high_precision must be one of {HIGH_PRECISION}, got {high_precision!r}")
         self.use_kernels = use_kernels
+        self.high_precision = high_precision
+        bf16 = high_precision == "bf16" and use_kernels
         self.dtype = dtype
         self._lin: dict[int, object] = {}
         self._f32: dict[int, torch.Tensor] = {}  # plain fp32 weights without bias: can share one kernel call
         for module in model.modules():
             if isinstance(module, (nn.Linear, PackedTernaryLinear)):
-                self._lin[id(module)] = _fast_linear(module, use_kernels)
-                if (use_kernels and type(module) is nn.Linear and module.bias is None
+                self._lin[id(module)] = _fast_linear(module, use_kernels, bf16)
+                if (use_kernels and not bf16 and type(module) is nn.Linear and module.bias is None
                         and module.weight.dtype == torch.float32 and module.weight.is_contiguous()):
                     self._f32[id(module)] = module.weight.detach()
         self.native: NativeStep | None = None
         self.native_why = "the C++ kernels are not in use"
         if use_kernels and native is not False:
-            program = build_program(model)
+            program = build_program(model, high_precision)
             if isinstance(program, str):
                 self.native_why = program
             else:
@@ -303,12 +313,14 @@ class Engine:
         return self.compile_seconds
 
 
-def engine_for(model, use_kernels: bool | None = None, native: bool | None = None) -> Engine:
+def engine_for(model, use_kernels: bool | None = None, native: bool | None = None,
+               high_precision: str = "fp32") -> Engine:
     """The engine cached on ``model``, rebuilt when a weight changed (address or in-place version)."""
-    key = tuple((t.data_ptr(), t._version) for t in model.state_dict().values()) + (use_kernels, native)
+    key = tuple((t.data_ptr(), t._version) for t in model.state_dict().values()) + (use_kernels, native,
+                                                                                       high_precision)
     eng = getattr(model, "_mom_engine", None)
     if eng is None or eng[0] != key:
-        eng = (key, Engine(model, use_kernels, native))
+        eng = (key, Engine(model, use_kernels, native, high_precision))
         object.__setattr__(model, "_mom_engine", eng)
     return eng[1]
 

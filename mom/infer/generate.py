@@ -6,6 +6,8 @@ Same arguments and results as ``mom.model.generation.generate`` (transformers' n
 
 - ``native``: None (default) runs the whole step in one C++ call when the kernels are built and the model is
   fp32; False keeps the per-layer Python step (what ``compile=True`` compiles);
+- ``high_precision``: "fp32" (default: logits as ``mom.model``'s fp32 forward) or "bf16": the plain (non-ternary)
+  linear layers read bf16 weights, half the bytes (see ``mom.infer.engine``);
 - ``compile=True``: the Python step runs under ``torch.compile``; the first call compiles it (timed apart, in
   ``stats["compile_s"]``) and later calls in the process reuse it (the engine is cached on the model);
 - ``stats``: a dict filled with ``prefill_s``, ``decode_s``, ``new_tokens``, ``compile_s``, ``kernels``,
@@ -36,7 +38,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sam
              attention_mask: torch.Tensor | None = None, use_cache: bool = True,
              generator: torch.Generator | None = None, streamer: Callable[[torch.Tensor], None] | None = None,
              compile: bool = False, use_kernels: bool | None = None, native: bool | None = None,
-             stats: dict | None = None) -> torch.Tensor:
+             high_precision: str = "fp32", stats: dict | None = None) -> torch.Tensor:
     """Returns (B, prompt + new) token ids; see ``mom.model.generation.generate`` for the arguments."""
     if not use_cache:
         return reference_generate(model, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature,
@@ -50,7 +52,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sam
     was_training = model.training
     model.eval()
     try:
-        engine = engine_for(model, use_kernels, native)
+        engine = engine_for(model, use_kernels, native, high_precision)
         B, T = input_ids.shape
         stats.update(compile_s=0.0, kernels=engine.use_kernels, native=engine.native is not None, new_tokens=0)
         if compile and engine.native is None and engine.compiled is None and not engine.compile_failed:

@@ -33,8 +33,9 @@ class Unsupported(Exception):
 
 
 class _Builder:
-    def __init__(self, program):
+    def __init__(self, program, high_precision: str):
         self.p = program
+        self.bf16 = high_precision == "bf16"
         self.ids: dict[int, int] = {}
 
     def linear(self, m: nn.Module) -> int:
@@ -58,6 +59,8 @@ class _Builder:
                 i = self.p.add_linear(_TERNARY, m.in_features, packed, bias, gain, m.norm.eps, gamma)
             elif type(m) is nn.Linear:
                 w = m.weight.detach()
+                if self.bf16 and w.dtype == torch.float32:
+                    w = w.to(torch.bfloat16)
                 kind = {torch.float32: _F32, torch.bfloat16: _BF16}.get(w.dtype)
                 if kind is None:
                     raise Unsupported(f"linear weights in {w.dtype}")
@@ -118,13 +121,14 @@ def _act_name(mlp: MLP) -> str:
     raise Unsupported(f"activation {mlp.act}")
 
 
-def build_program(model):
-    """The C++ ``Program`` for ``model`` (fp32 on CPU, kernels built), or a string saying why not."""
+def build_program(model, high_precision: str = "fp32"):
+    """The C++ ``Program`` for ``model`` (fp32 on CPU, kernels built), or a string saying why not.
+    ``high_precision="bf16"`` keeps the plain (non-ternary) linear weights in bf16 (see ``Engine``)."""
     emb = model.model.embed_tokens.weight
     if emb.dtype != torch.float32 or emb.device.type != "cpu":
         return f"the native step runs fp32 models on CPU ({emb.dtype} on {emb.device.type} here)"
     try:
-        b = _Builder(torch.classes.mom_infer.Program())
+        b = _Builder(torch.classes.mom_infer.Program(), high_precision)
         for layer in model.model.layers:
             mixer = b.attention(layer.self_attn, model.config) if layer.is_attention else b.mamba(layer.mamba)
             router = b.linear(layer.mod_router.proj) if layer.mod_router is not None else -1
