@@ -17,8 +17,10 @@ Refused with one line on stderr and a non-zero exit code (no traceback): an empt
 than the model's trained context (``max_position_embeddings``: attention has no positions, but the model has
 never seen longer contexts, so it is an error rather than a silent degradation), a missing run/model folder.
 ``do_sample=true`` draws from a ``torch.Generator`` seeded with ``seed``: same seed, same text.
-Decoding runs on ``mom.infer``'s engine (static cache, C++ kernels); ``compile=true`` puts its step under
-``torch.compile`` and logs the compile time apart from the decode speed (stderr).
+Decoding runs on ``mom.infer``'s engine (static cache; with the C++ kernels the whole step is one native
+call); ``high_precision=bf16`` reads the plain linear layers' weights in bf16 (half the bytes);
+``compile=true`` puts the per-layer step under ``torch.compile`` where the native one is not in use, and
+logs the compile time apart from the decode speed (stderr).
 :func:`generate_text` is the whole job as a plain function (tests call it in-process).
 """
 
@@ -35,6 +37,7 @@ from omegaconf import DictConfig
 
 from mom.cli import one_line_errors
 from mom.config import CONF_DIR, GenerateConfig, plain_options, register_configs
+from mom.infer.engine import HIGH_PRECISION
 from mom.model.generation import GenerationError
 from mom.run_folder import load_model_and_tokenizer, resolve_model_dir, setup_stderr_logging
 
@@ -155,6 +158,8 @@ def generate_text(cfg: Any, out: TextIO | None = sys.stdout, model=None, tok=Non
     max_new = int(cfg["max_new_tokens"])
     if max_new < 0:
         raise GenerationError(f"max_new_tokens must be >= 0, got {max_new}")
+    if cfg["high_precision"] not in HIGH_PRECISION:
+        raise GenerationError(f"high_precision must be one of {list(HIGH_PRECISION)}, got {cfg['high_precision']!r}")
     special = special_token_ids(tok)
     pad_id = special["pad"] if special["pad"] is not None else (config.pad_token_id or 0)
     eos_id = special["eos"] if cfg["stop_at_eos"] else None
@@ -180,13 +185,14 @@ def generate_text(cfg: Any, out: TextIO | None = sys.stdout, model=None, tok=Non
                            top_k=cfg["top_k"], top_p=cfg["top_p"],
                            repetition_penalty=float(cfg["repetition_penalty"]), eos_token_id=eos_id,
                            pad_token_id=pad_id, use_cache=bool(cfg["use_cache"]), generator=generator,
-                           streamer=streamer, compile=bool(cfg["compile"]), stats=stats)
+                           streamer=streamer, compile=bool(cfg["compile"]),
+                           high_precision=str(cfg["high_precision"]), stats=stats)
             if stats.get("decode_s"):
                 steps = max(stats["new_tokens"] - 1, 0)
                 report = log.warning if cfg["compile"] else log.info  # asked for: shown on stderr
-                report("prefill %.3f s, decode %.1f tok/s (%d sequences), compile %.1f s, C++ kernels %s",
+                report("prefill %.3f s, decode %.1f tok/s (%d sequences), compile %.1f s, C++ kernels %s, %s step",
                        stats["prefill_s"], steps * len(chunk) / stats["decode_s"], len(chunk), stats["compile_s"],
-                       "on" if stats["kernels"] else "off")
+                       "on" if stats["kernels"] else "off", "native" if stats.get("native") else "per-layer")
         for i, s in enumerate(streams):
             tail = s.finish()
             if tail:

@@ -219,3 +219,21 @@ def test_bf16_high_precision_weights_close_to_fp32():
         assert 0 < err < 0.05 * float(ref.abs().max()), err  # rounded (not equal) but close
     with pytest.raises(ValueError, match="high_precision"):
         Engine(model, high_precision="fp16")
+
+
+@pytest.mark.slow
+@needs_kernels
+def test_compiled_per_layer_step_equals_eager_and_full_forward():
+    # torch.compile (Inductor, C++ on CPU) of the per-layer step; the native step is compiled code already
+    model = build(mod=True, moa=True, mhmoe=True, precision="attn_bf16", mamba_dt_rank=8).eval()
+    prompt = torch.randint(3, V, (1, 5), generator=torch.Generator().manual_seed(5))
+    stats: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed compilation falls back with one: fail instead
+        out = generate(model, prompt, 8, native=False, compile=True, stats=stats)
+    assert stats["compile_s"] > 0 and not stats["native"]
+    assert torch.equal(out, generate(model, prompt, 8, native=False))
+    assert torch.equal(out, generate(model, prompt, 8, use_cache=False))
+    native: dict = {}
+    generate(model, prompt, 8, compile=True, stats=native)
+    assert native["native"] and native["compile_s"] == 0.0  # nothing to compile

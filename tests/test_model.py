@@ -272,3 +272,45 @@ def test_bad_config_values_name_the_key(key, value, match):
 
     with pytest.raises(ConfigError, match=match):
         tiny_config(**{key: value})
+
+
+# ------------------------------------------------------------------ reference choices kept as config options
+@pytest.mark.parametrize("normalize", [True, False])
+def test_mhmoe_gates_renormalised_or_raw_as_configured(normalize):
+    import torch.nn.functional as F
+
+    from mom.model.experts import stable_top_k
+
+    model = build(mhmoe=True, mhmoe_normalize_gates=normalize).eval()
+    moe = next(m for m in model.modules() if isinstance(m, MultiHeadMoE))
+    x = torch.randn(3, 5, 32)
+    with torch.no_grad():
+        got, _, _ = moe(x)
+        sub = moe.head_proj(x).reshape(-1, moe.sub_dim)
+        top_w, top_i = stable_top_k(F.softmax(moe.router(sub).float(), dim=-1), moe.top_k)
+        if normalize:
+            top_w = top_w / top_w.sum(-1, keepdim=True)
+        y = sum(top_w[:, s:s + 1] * torch.stack([moe.experts[int(e)](r) for r, e in zip(sub, top_i[:, s], strict=True)])
+                for s in range(moe.top_k))
+        want = moe.merge_proj(y.reshape(x.shape))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_mod_update_scale_sigmoid_or_raw_router_weight():
+    from mom.model.config import ConfigError
+
+    outs = {}
+    for mode in ("sigmoid", "router"):
+        model = build(mod=True, mod_update_scale=mode).eval()
+        router = next(layer.mod_router for layer in model.model.layers if layer.mod_router is not None)
+        logits = torch.tensor([-2.0, 0.5, 3.0])
+        want = torch.sigmoid(logits) if mode == "sigmoid" else logits
+        assert torch.equal(router.scale(logits), want)
+        prompt = torch.randint(3, V, (2, 9), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            outs[mode] = model(prompt).logits
+        # cached decoding (the engine) follows the same choice: greedy tokens equal the full recompute
+        assert torch.equal(model.generate(prompt[:1], 6), model.generate(prompt[:1], 6, use_cache=False)), mode
+    assert not torch.allclose(outs["sigmoid"], outs["router"])  # same weights, a different function
+    with pytest.raises(ConfigError, match="mod_update_scale"):
+        tiny_config(mod=True, mod_update_scale="tanh")

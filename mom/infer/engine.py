@@ -164,7 +164,7 @@ class Engine:
             return (y.view(-1, ffn.top_k, x.shape[-1]) * top_w.unsqueeze(-1).to(y.dtype)).sum(1)
         if isinstance(ffn, MultiHeadMoE):
             sub = self.lin(ffn.head_proj, x).reshape(-1, ffn.sub_dim)
-            _, top_w, top_i = top_k_routing(self.lin(ffn.router, sub), ffn.top_k, normalize=True)
+            _, top_w, top_i = top_k_routing(self.lin(ffn.router, sub), ffn.top_k, normalize=ffn.normalize_gates)
             y = self._experts(ffn.experts, sub.repeat_interleave(ffn.top_k, 0), top_i.flatten().tolist())
             y = (y.view(-1, ffn.top_k, ffn.sub_dim) * top_w.unsqueeze(-1).to(y.dtype)).sum(1)
             return self.lin(ffn.merge_proj, y.reshape(x.shape))
@@ -237,7 +237,7 @@ class Engine:
             return h + self._ffn(layer.feed_forward, self.norm(layer.pre_ff_layernorm, h))
         if layer.is_attention:  # routed whole: a skipped token is not a key and costs nothing else
             logits = self.lin(router.proj, x).squeeze(-1).float()
-            selected, weight = logits > 0, torch.sigmoid(logits)
+            selected, weight = logits > 0, router.scale(logits)
             if x.shape[0] == 1 and not bool(selected[0]):
                 self._write_kv(st, 0.0, 0.0, pos, selected)
                 return x
@@ -250,7 +250,7 @@ class Engine:
         else:  # Mamba block: the mixer sees every token, MoD routes the feed-forward
             x = x + self._mamba(layer.mamba, self.norm(layer.input_layernorm, x), st)
             logits = self.lin(router.proj, x).squeeze(-1).float()
-            selected, weight = logits > 0, torch.sigmoid(logits)
+            selected, weight = logits > 0, router.scale(logits)
             rows = selected.nonzero().squeeze(1)
             if rows.numel() == 0:
                 return x

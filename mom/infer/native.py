@@ -108,7 +108,8 @@ class _Builder:
             return self.p.add_ffn(1, g, u, d, act, self.linear(f.router), f.top_k, False, -1, -1, 0)
         if isinstance(f, MultiHeadMoE):
             g, u, d, act = self.experts(f.experts)
-            return self.p.add_ffn(2, g, u, d, act, self.linear(f.router), f.top_k, True, self.linear(f.head_proj),
+            return self.p.add_ffn(2, g, u, d, act, self.linear(f.router), f.top_k, f.normalize_gates,
+                                  self.linear(f.head_proj),
                                   self.linear(f.merge_proj), f.sub_dim)
         raise Unsupported(f"feed-forward {type(f).__name__}")
 
@@ -132,8 +133,9 @@ def build_program(model, high_precision: str = "fp32"):
         for layer in model.model.layers:
             mixer = b.attention(layer.self_attn, model.config) if layer.is_attention else b.mamba(layer.mamba)
             router = b.linear(layer.mod_router.proj) if layer.mod_router is not None else -1
+            raw = layer.mod_router is not None and layer.mod_router.update_scale == "router"
             b.p.add_block(layer.is_attention, mixer, b.ffn(layer.feed_forward), b.norm(layer.input_layernorm),
-                          b.norm(layer.pre_ff_layernorm), router)
+                          b.norm(layer.pre_ff_layernorm), router, raw)
         b.p.set_output(emb.detach(), b.norm(model.model.final_layernorm), b.linear(model.lm_head))
     except Unsupported as e:
         return str(e)

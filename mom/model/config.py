@@ -93,6 +93,10 @@ class MoMConfig:
     mod_layer_period: int = 2
     mod_layer_offset: int = 1
     mod_aux_loss_coef: float = 0.01
+    # what multiplies a routed block's update: "sigmoid" of the router logit (MoM's default: bounded in (0, 1),
+    # and the eval-time decision sigmoid > 0.5 reads the same quantity) or "router", the raw router weight as
+    # in the paper (2404.02258, eq. 1)
+    mod_update_scale: str = "sigmoid"
 
     # --- mixture of attention heads (MoA / JetMoE): per-expert Q and O, shared K/V
     moa_enabled: bool = False
@@ -104,6 +108,9 @@ class MoMConfig:
     # --- multi-head MoE (MH-MoE): tokens split into `mhmoe_num_heads` sub-tokens for the expert layers
     mhmoe_enabled: bool = False
     mhmoe_num_heads: int = 4
+    # renormalise each sub-token's top-k gate weights to sum to 1 (MoM's default); the authors' TopkGate does
+    # not (normalize_gate_prob_before_dropping=False): False keeps the raw softmax probabilities
+    mhmoe_normalize_gates: bool = True
 
     def __post_init__(self) -> None:
         if not self.mamba_dt_rank:
@@ -159,6 +166,8 @@ class MoMConfig:
             bad("mhmoe_num_heads", f"{self.mhmoe_num_heads} heads do not divide hidden_size {self.hidden_size}")
         if not 0.0 < self.mod_capacity <= 1.0:
             bad("mod_capacity", f"must be in (0, 1], got {self.mod_capacity}")
+        if self.mod_update_scale not in ("sigmoid", "router"):
+            bad("mod_update_scale", f"must be 'sigmoid' or 'router', got {self.mod_update_scale!r}")
         for name, period, offset in (("attn_layer", self.attn_layer_period, self.attn_layer_offset),
                                      ("expert_layer", self.expert_layer_period, self.expert_layer_offset),
                                      ("mod_layer", self.mod_layer_period, self.mod_layer_offset)):

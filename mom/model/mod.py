@@ -1,7 +1,8 @@
 """Mixture of Depths (arXiv 2404.02258): a scalar router per routed block.
 
 Training: the top ``capacity`` share of the sequence by router logit goes through the block, in its
-original order; the block's update is multiplied by sigmoid(logit), which is how the router learns.
+original order; the block's update is multiplied by sigmoid(logit) (``mod_update_scale="sigmoid"``) or by the
+raw router weight as in the paper (``"router"``), which is how the router learns.
 The top-k over the sequence is not causal, so the router is also trained (auxiliary BCE, the paper's
 option (a)) to predict its own top-k membership from its logit alone. Eval and decoding route a token
 when sigmoid(logit) > 0.5, a decision that depends on that token only: the model is causal.
@@ -29,10 +30,15 @@ class DepthRouter(nn.Module):
     def __init__(self, config: MoMConfig):
         super().__init__()
         self.capacity = config.mod_capacity
+        self.update_scale = config.mod_update_scale
         self.proj = make_linear(config.hidden_size, 1, bias=True, kind=config.precision["mod_router"])
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).squeeze(-1).float()  # (B, T)
+
+    def scale(self, logits: torch.Tensor) -> torch.Tensor:
+        """What multiplies a routed token's update (see the module docstring)."""
+        return torch.sigmoid(logits) if self.update_scale == "sigmoid" else logits
 
     def top_k(self, x: torch.Tensor, token_mask: torch.Tensor | None):
         """Training-time routing. Returns (sorted indices (B, k), weights (B, T), BCE aux loss, mask (B, T))."""
@@ -44,7 +50,7 @@ class DepthRouter(nn.Module):
         chosen = torch.zeros_like(logits, dtype=torch.bool).scatter(1, idx, True)
         bce = F.binary_cross_entropy_with_logits(logits, chosen.float(), reduction="none")
         bce = bce.mean() if token_mask is None else (bce * token_mask).sum() / token_mask.sum().clamp_min(1)
-        return idx, torch.sigmoid(logits), bce, chosen
+        return idx, self.scale(logits), bce, chosen
 
     def threshold(self, x: torch.Tensor, token_mask: torch.Tensor | None):
         """Causal routing for eval and decoding. Returns (selected (B, T) bool, weights (B, T))."""
@@ -52,4 +58,4 @@ class DepthRouter(nn.Module):
         selected = logits > 0
         if token_mask is not None:
             selected = selected & token_mask
-        return selected, torch.sigmoid(logits)
+        return selected, self.scale(logits)

@@ -62,6 +62,7 @@ class MultiHeadMoE(nn.Module):
         p = config.precision
         d, h = config.hidden_size, config.mhmoe_num_heads
         self.heads, self.sub_dim = h, d // h
+        self.normalize_gates = config.mhmoe_normalize_gates
         self.num_experts, self.top_k = config.num_experts, config.num_experts_per_tok
         self.head_proj = make_linear(d, d, bias=False, kind=p["ffn"])
         self.merge_proj = make_linear(d, d, bias=False, kind=p["ffn"])
@@ -73,7 +74,7 @@ class MultiHeadMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict, dict]:
         shape = x.shape
         sub = self.head_proj(x).reshape(-1, self.sub_dim)  # (N*h, d/h), sub-tokens of a token are adjacent
-        probs, top_w, top_i = top_k_routing(self.router(sub), self.top_k, normalize=True)
+        probs, top_w, top_i = top_k_routing(self.router(sub), self.top_k, normalize=self.normalize_gates)
         y = expert_map(sub.repeat_interleave(self.top_k, 0), top_i.flatten(), self.experts)
         y = (y.view(-1, self.top_k, self.sub_dim) * top_w.unsqueeze(-1).to(y.dtype)).sum(1)
         y = self.merge_proj(y.reshape(shape))

@@ -17,6 +17,7 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <chrono>
 #include <limits>
 #include <numeric>
 
@@ -56,6 +57,7 @@ struct FeedForward {
 struct Block {
   bool attention;
   int64_t mixer, ffn, in_norm, ff_norm, mod_router;  // mod_router -1: every token goes through
+  bool raw_scale;  // a routed update is scaled by the raw router logit (else by its sigmoid)
 };
 
 // The rows of one call (or the subset a MoD router kept): sequence and position of each.
@@ -80,6 +82,13 @@ struct Program : torch::CustomClassHolder {
   std::vector<at::Tensor> state;
   std::vector<int64_t> state_at;
   int64_t bytes_read = 0;  // weight bytes the last call streamed (each linear layer once per call to it)
+  // where the time goes, accumulated over calls until read: total, linear layers, attention, SSM update (ns),
+  // calls of linear layers (each a parallel region when big enough)
+  std::vector<int64_t> spent = std::vector<int64_t>(5, 0);
+  static int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  }
 
   // ------------------------------------------------------------------------------------------ building
   int64_t add_linear(int64_t kind, int64_t in_features, at::Tensor weight, std::optional<at::Tensor> bias,
@@ -146,8 +155,9 @@ struct Program : torch::CustomClassHolder {
     return static_cast<int64_t>(ffns.size()) - 1;
   }
 
-  void add_block(bool attention, int64_t mixer, int64_t ffn, int64_t in_norm, int64_t ff_norm, int64_t mod_router) {
-    blocks.push_back({attention, mixer, ffn, in_norm, ff_norm, mod_router});
+  void add_block(bool attention, int64_t mixer, int64_t ffn, int64_t in_norm, int64_t ff_norm, int64_t mod_router,
+                 bool raw_scale) {
+    blocks.push_back({attention, mixer, ffn, in_norm, ff_norm, mod_router, raw_scale});
   }
 
   void set_output(at::Tensor embedding, int64_t norm, int64_t head) {
@@ -179,7 +189,11 @@ struct Program : torch::CustomClassHolder {
       j.y = c.y;
       jobs.push_back(std::move(j));
     }
-    if (!jobs.empty()) run_linears(jobs);
+    if (jobs.empty()) return;
+    const int64_t t0 = now_ns();
+    run_linears(jobs);
+    spent[1] += now_ns() - t0;
+    spent[4] += 1;
   }
 
   Buf linear(int64_t id, const float* x, int64_t n) {
@@ -383,7 +397,11 @@ struct Program : torch::CustomClassHolder {
       Buf q = linear(a.q[0], xn, n), o(n * H * hd);
       for (int64_t i = 0; i < n; ++i)
         for (int64_t j = 0; j < H; ++j) heads.push_back({&q[(i * H + j) * hd], i, j / group, &o[(i * H + j) * hd]});
-      attend_all(heads, rows, K, V, ok);
+      {
+        const int64_t t0 = now_ns();
+        attend_all(heads, rows, K, V, ok);
+        spent[2] += now_ns() - t0;
+      }
       return linear(a.o[0], o.data(), n);
     }
     // mixture of attention heads: each chosen expert's query heads meet KV heads 0..Hkv-1 in order
@@ -402,7 +420,11 @@ struct Program : torch::CustomClassHolder {
     Buf q = grouped(a.q, xn, d, items, expert, width), o(n * k * width);
     for (int64_t it = 0; it < n * k; ++it)
       for (int64_t h = 0; h < Hkv; ++h) heads.push_back({&q[it * width + h * hd], items[it], h, &o[it * width + h * hd]});
-    attend_all(heads, rows, K, V, ok);
+    {
+      const int64_t t0 = now_ns();
+      attend_all(heads, rows, K, V, ok);
+      spent[2] += now_ns() - t0;
+    }
     std::vector<int64_t> self(n * k);
     std::iota(self.begin(), self.end(), 0);
     Buf y = grouped(a.o, o.data(), width, self, expert, d), out(n * d);
@@ -452,9 +474,11 @@ struct Program : torch::CustomClassHolder {
     Buf dtn = norm(m.dt_norm, dbc.data(), n, r, w), Bn = norm(m.b_norm, dbc.data() + r, n, N, w),
         Cn = norm(m.c_norm, dbc.data() + r + N, n, N, w);
     Buf dt = linear(m.dt_proj, dtn.data(), n), y(n * Di);
+    const int64_t t0 = now_ns();
     for (int64_t i = 0; i < n; ++i)
       ssm_step(ssm.data_ptr<float>() + rows.seq[i] * Di * N, &u[i * Di], &dt[i * Di], m.A.data_ptr<float>(), &Bn[i * N],
                &Cn[i * N], m.D.data_ptr<float>(), &xz[i * 2 * Di + Di], Di, N, &y[i * Di]);
+    spent[3] += now_ns() - t0;
     return linear(m.out_proj, y.data(), n);
   }
 
@@ -503,7 +527,7 @@ struct Program : torch::CustomClassHolder {
       upd = feed_forward(ffns[bl.ffn], hn.data(), s);
     }
     for (int64_t j = 0; j < s; ++j) {
-      const float w = 1.0f / (1.0f + std::exp(-logit[sel[j]]));
+      const float w = bl.raw_scale ? logit[sel[j]] : 1.0f / (1.0f + std::exp(-logit[sel[j]]));
       for (int64_t c = 0; c < d; ++c) x[sel[j] * d + c] = xs[j * d + c] + upd[j * d + c] * w;
     }
   }
@@ -513,6 +537,7 @@ struct Program : torch::CustomClassHolder {
   at::Tensor forward(const int64_t* tk, const Rows& rows, std::vector<at::Tensor> st, const std::vector<int64_t>& out) {
     TORCH_CHECK(embed.defined(), "step: the program has no output layer (set_output)");
     const int64_t n = rows.n(), d = hidden, V = embed.size(0);
+    const int64_t t_start = now_ns();
     bytes_read = 0;
     state = std::move(st);
     state_at.clear();
@@ -536,6 +561,7 @@ struct Program : torch::CustomClassHolder {
     at::Tensor logits = at::empty({no, lins[lm_head].N}, at::kFloat);
     linears({{lm_head, xn.data(), no, logits.data_ptr<float>()}});
     state.clear();
+    spent[0] += now_ns() - t_start;
     return logits;
   }
 
@@ -580,5 +606,10 @@ TORCH_LIBRARY_FRAGMENT(mom_infer, m) {
       .def("set_output", &Program::set_output)
       .def("step", &Program::step)
       .def("decode", &Program::decode)
-      .def("weight_bytes_read", [](const c10::intrusive_ptr<Program>& self) { return self->bytes_read; });
+      .def("weight_bytes_read", [](const c10::intrusive_ptr<Program>& self) { return self->bytes_read; })
+      .def("time_spent", [](const c10::intrusive_ptr<Program>& self) {  // read and reset
+        std::vector<int64_t> out = self->spent;
+        std::fill(self->spent.begin(), self->spent.end(), 0);
+        return out;
+      });
 }
