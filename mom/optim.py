@@ -185,30 +185,64 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
+def expected_state_bytes(model: nn.Module, cfg: Any) -> int:
+    """Optimizer-state bytes once every parameter has taken a step, from the parameters' shapes alone (so it
+    runs on the meta device for models too big to train here). ``torch.optim.AdamW``: two moments per
+    parameter plus a 0-d ``step`` tensor per tensor. GaLore-AdamW (galore-torch, ``proj_type=std``): a GaLore
+    weight (m, n) keeps the moments of its rank-r projection (r x max(m, n)) and the projector
+    (r x min(m, n)); the other parameters two moments (its ``step`` is a Python int)."""
+    name = _get(cfg, "name", "adamw")
+    if name.startswith("galore") and _get(cfg, "proj_type") != "std":
+        raise ConfigError(f"optimizer.proj_type: the state count knows proj_type=std, not {_get(cfg, 'proj_type')!r}")
+    total = 0
+    for group in param_groups(model, cfg):
+        for p in group["params"]:
+            size = torch.empty((), dtype=p.dtype).element_size()
+            if group["name"] == "galore":
+                m, n = p.shape
+                total += size * group["rank"] * (2 * max(m, n) + min(m, n))
+            else:
+                total += 2 * size * p.numel() + (4 if name == "adamw" else 0)
+    return total
+
+
 def _main(argv: list[str] | None = None) -> None:
-    """``python -m mom.optim [MODEL] [key=value ...]``: optimizer-state bytes of adamw vs galore_adamw
-    after 3 steps (batch 2 x 32) on a model of conf/model (default jamba_mini, all high precision)."""
+    """``python -m mom.optim [MODEL ...] [key=value ...]``: optimizer-state bytes of adamw vs galore_adamw on
+    models of conf/model (default jamba_mini), all high precision: counted from the shapes
+    (:func:`expected_state_bytes`, meta device) and, for models under 50M parameters, measured after 3 steps
+    (batch 2 x 32) to show the count is right."""
     import sys
 
     from mom.config import compose, model_config
     from mom.model import MoMForCausalLM
 
     args = list(sys.argv[1:] if argv is None else argv)
-    model_name = args.pop(0) if args and "=" not in args[0] else "jamba_mini"
-    for opt_name in ("adamw", "galore_adamw"):
-        cfg = compose("train", [f"model={model_name}", "precision=bf16", f"optimizer={opt_name}", *args,
-                                "paths.run_dir=/tmp/mom-optim"])
-        torch.manual_seed(0)
-        model = MoMForCausalLM(model_config(cfg.model, cfg.precision))
-        opt = build_optimizer(model, cfg.optimizer)
-        ids = torch.randint(0, cfg.model.vocab_size, (2, 32))
-        for _ in range(3):
-            model(ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        n = sum(p.numel() for p in model.parameters())
-        b = optimizer_state_bytes(opt)
-        print(f"{model_name} {opt_name:13s} state {b / 2**20:8.2f} MiB  {b / n:5.2f} bytes/param  ({n:,} params)")
+    names = [a for a in args if "=" not in a] or ["jamba_mini"]
+    overrides = [a for a in args if "=" in a]
+    print("| model | optimizer | params | state (count) | per parameter | state (measured) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for model_name in names:
+        for opt_name in ("adamw", "galore_adamw"):
+            cfg = compose("train", [f"model={model_name}", "precision=bf16", f"optimizer={opt_name}", *overrides,
+                                    "paths.run_dir=/tmp/mom-optim"])
+            with torch.device("meta"):
+                meta = MoMForCausalLM(model_config(cfg.model, cfg.precision))
+            n = sum(p.numel() for p in meta.parameters())
+            count = expected_state_bytes(meta, cfg.optimizer)
+            measured = ""
+            if n < 50e6:
+                torch.manual_seed(0)
+                model = MoMForCausalLM(model_config(cfg.model, cfg.precision))
+                opt = build_optimizer(model, cfg.optimizer)
+                ids = torch.randint(0, cfg.model.vocab_size, (2, 32))
+                for _ in range(3):
+                    model(ids, labels=ids).loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                measured = f"{optimizer_state_bytes(opt) / 2**20:.2f} MiB"
+            label = opt_name if opt_name == "adamw" else f"galore_adamw, rank {cfg.optimizer.rank}"
+            print(f"| `{model_name}` | {label} | {n / 1e6:.2f}M | {count / 2**20:.2f} MiB | {count / n:.2f} B | "
+                  f"{measured} |")
 
 
 if __name__ == "__main__":

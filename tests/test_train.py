@@ -113,7 +113,7 @@ def test_optimizer_state_bytes_galore_vs_adamw(compose):
     """Optimizer-state bytes after 3 steps on jamba_mini (hidden 256, ~11M parameters), rank 128 and 64."""
     from mom.config import model_config
     from mom.model import MoMForCausalLM
-    from mom.optim import build_optimizer, optimizer_state_bytes
+    from mom.optim import build_optimizer, expected_state_bytes, optimizer_state_bytes
 
     base = compose(["model=jamba_mini", "precision=bf16", "paths.run_dir=/tmp/unused"])
     ids = torch.randint(0, base.model.vocab_size, (2, 32))
@@ -131,6 +131,9 @@ def test_optimizer_state_bytes_galore_vs_adamw(compose):
             opt.zero_grad(set_to_none=True)
         n_params = sum(p.numel() for p in model.parameters())
         figures[name] = optimizer_state_bytes(opt)
+        with torch.device("meta"):  # the count from shapes (how `python -m mom.optim` sizes momv4) agrees
+            meta = MoMForCausalLM(model_config(cfg.model, cfg.precision))
+        assert expected_state_bytes(meta, cfg.optimizer) == figures[name], name
         print(f"\n[optimizer state] {name:18s} {figures[name] / 2**20:8.2f} MiB "
               f"({figures[name] / n_params:.2f} bytes/param, {n_params:,} params)")
     assert figures["galore_adamw"] < figures["adamw"]
