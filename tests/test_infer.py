@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mom.generate import left_pad
 from mom.infer import kernels
 from mom.infer.engine import Engine
 from mom.infer.generate import generate
@@ -57,10 +58,10 @@ def test_dense_kernels_match_f_linear(fin, fout):
 @pytest.mark.parametrize("precision", ["bf16", "attn_bf16", "ternary"])
 def test_engine_uses_kernels_and_equals_full_forward_when_packed(precision):
     model = pack_model(build(mod=True, moa=True, precision=precision)).eval()
-    eng = Engine(model)
+    eng = Engine(model, native=False)  # the per-layer step: each linear layer on its kernel
     assert eng.use_kernels and sum(not isinstance(f, torch.nn.Module) for f in eng._lin.values()) > 10
     prompt = torch.randint(3, V, (1, 6))
-    assert torch.equal(generate(model, prompt, 12), generate(model, prompt, 12, use_cache=False))
+    assert torch.equal(generate(model, prompt, 12, native=False), generate(model, prompt, 12, use_cache=False))
 
 
 @pytest.mark.parametrize("mod,moa,mhmoe", [(False, False, False), (True, True, True)])
@@ -68,10 +69,7 @@ def test_batched_decoding_equals_one_by_one(mod, moa, mhmoe):
     model = build(mod=mod, moa=moa, mhmoe=mhmoe, precision="attn_bf16").eval()
     prompts = [torch.randint(3, V, (n,)) for n in (7, 3, 5)]
     n = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), n, dtype=torch.long)
-    mask = torch.zeros(len(prompts), n, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, n - len(p):], mask[i, n - len(p):] = p, 1
+    ids, mask = left_pad([p.tolist() for p in prompts], 0)
     out = generate(model, ids, 8, attention_mask=mask)
     for i, p in enumerate(prompts):
         assert torch.equal(out[i, n:], generate(model, p[None], 8)[0, len(p):]), i
@@ -152,10 +150,7 @@ def test_native_prefill_and_batched_decoding_with_padding(mod, moa, mhmoe):
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, V, (n,), generator=g) for n in (7, 2, 5, 1)]
     n = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), n, dtype=torch.long)
-    mask = torch.zeros(len(prompts), n, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, n - len(p):], mask[i, n - len(p):] = p, 1
+    ids, mask = left_pad([p.tolist() for p in prompts], 0)
     out = generate(model, ids, 6, attention_mask=mask)
     ref = generate(model, ids, 6, attention_mask=mask, use_cache=False)
     assert torch.equal(out, ref)

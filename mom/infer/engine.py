@@ -95,14 +95,6 @@ class Engine:
         self.high_precision = high_precision
         bf16 = high_precision == "bf16" and use_kernels
         self.dtype = dtype
-        self._lin: dict[int, object] = {}
-        self._f32: dict[int, torch.Tensor] = {}  # plain fp32 weights without bias: can share one kernel call
-        for module in model.modules():
-            if isinstance(module, (nn.Linear, PackedTernaryLinear)):
-                self._lin[id(module)] = _fast_linear(module, use_kernels, bf16)
-                if (use_kernels and not bf16 and type(module) is nn.Linear and module.bias is None
-                        and module.weight.dtype == torch.float32 and module.weight.is_contiguous()):
-                    self._f32[id(module)] = module.weight.detach()
         self.native: NativeStep | None = None
         self.native_why = "the C++ kernels are not in use"
         if use_kernels and native is not False:
@@ -111,6 +103,15 @@ class Engine:
                 self.native_why = program
             else:
                 self.native, self.native_why = NativeStep(program), ""
+        # the per-layer step's kernels: only when it is the step in use (the native one prepared its own)
+        self._lin: dict[int, object] = {}
+        self._f32: dict[int, torch.Tensor] = {}  # plain fp32 weights without bias: can share one kernel call
+        for module in model.modules() if self.native is None else ():
+            if isinstance(module, (nn.Linear, PackedTernaryLinear)):
+                self._lin[id(module)] = _fast_linear(module, use_kernels, bf16)
+                if (use_kernels and not bf16 and type(module) is nn.Linear and module.bias is None
+                        and module.weight.dtype == torch.float32 and module.weight.is_contiguous()):
+                    self._f32[id(module)] = module.weight.detach()
         self.cache: StaticCache | None = None
         self.compiled = None
         self.compile_failed = False

@@ -49,7 +49,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sam
     config = model.config
     input_ids, pad_token_id = check_generation_args(config, input_ids, attention_mask, temperature, pad_token_id)
     stats = stats if stats is not None else {}
-    was_training = model.training
+    was_training, gc_was_on = model.training, gc.isenabled()
     model.eval()
     try:
         engine = engine_for(model, use_kernels, native, high_precision)
@@ -69,7 +69,6 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sam
         logits = engine.prefill(input_ids, attention_mask, cache)
         stats["prefill_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        gc_was_on = gc.isenabled()
         gc.disable()  # a collection walks every object of the model: not between two decode steps
         tokens = input_ids
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
@@ -91,7 +90,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sam
         stats["decode_s"] = time.perf_counter() - t1
         return tokens
     finally:
-        if "gc_was_on" in locals() and gc_was_on:
+        if gc_was_on:
             gc.enable()
         model.train(was_training)
 

@@ -21,11 +21,11 @@ from torch import nn
 from mom.infer.cache import StaticAttention, StaticCache
 from mom.model.attention import MixtureOfAttention
 from mom.model.bitlinear import BitLinear
-from mom.model.moe import MLP, MultiHeadMoE, SparseMoE
+from mom.model.moe import ACTIVATIONS, MLP, MultiHeadMoE, SparseMoE
 from mom.model.packed import PackedTernaryLinear, pack_ternary
 
 _F32, _BF16, _TERNARY = 0, 1, 2
-_ACTS = {"silu": 0, "gelu": 1, "relu": 2}
+_ACTS = {"silu": 0, "gelu": 1, "relu": 2}  # mom.model.moe.ACTIVATIONS names -> csrc/step.cpp's Act
 
 
 class Unsupported(Exception):
@@ -84,7 +84,7 @@ class _Builder:
             return self.p.add_mamba(ids, m.conv1d.weight.detach()[:, 0].float(), conv_b, m._A().float(),
                                     m.D.detach().float(), m.dt_rank, m.d_state)
 
-    def attention(self, a, config) -> int:
+    def attention(self, a) -> int:
         if isinstance(a, MixtureOfAttention):
             return self.p.add_attention([self.linear(q) for q in a.q_proj], [self.linear(o) for o in a.o_proj],
                                         self.linear(a.k_proj), self.linear(a.v_proj), self.linear(a.router),
@@ -115,11 +115,10 @@ class _Builder:
 
 
 def _act_name(mlp: MLP) -> str:
-    for name, fn in (("silu", torch.nn.functional.silu), ("gelu", torch.nn.functional.gelu),
-                     ("relu", torch.nn.functional.relu)):
-        if mlp.act is fn:
-            return name
-    raise Unsupported(f"activation {mlp.act}")
+    name = next((n for n, fn in ACTIVATIONS.items() if mlp.act is fn), None)
+    if name not in _ACTS:
+        raise Unsupported(f"activation {mlp.act}")
+    return name
 
 
 def build_program(model, high_precision: str = "fp32"):
@@ -131,7 +130,7 @@ def build_program(model, high_precision: str = "fp32"):
     try:
         b = _Builder(torch.classes.mom_infer.Program(), high_precision)
         for layer in model.model.layers:
-            mixer = b.attention(layer.self_attn, model.config) if layer.is_attention else b.mamba(layer.mamba)
+            mixer = b.attention(layer.self_attn) if layer.is_attention else b.mamba(layer.mamba)
             router = b.linear(layer.mod_router.proj) if layer.mod_router is not None else -1
             raw = layer.mod_router is not None and layer.mod_router.update_scale == "router"
             b.p.add_block(layer.is_attention, mixer, b.ffn(layer.feed_forward), b.norm(layer.input_layernorm),

@@ -58,20 +58,23 @@ at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& packed_, const 
   return run_one(x, L);
 }
 
-at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w_, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && w_.scalar_type() == at::kFloat, "linear_f32: fp32 tensors");
+// y = x W^T (+ b) with fp32 or bf16 weights (kind), fp32 input and output
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& w_, const std::optional<at::Tensor>& bias, Kind kind,
+                        const char* name) {
+  const auto wtype = kind == Kind::F32 ? at::kFloat : at::kBFloat16;
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w_.scalar_type() == wtype, name, ": fp32 input, ", wtype, " weight");
   at::Tensor w = w_.contiguous();
-  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(-1), "linear_f32: weight shape does not match the input");
+  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(-1), name, ": weight shape does not match the input");
   std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
-  return run_one(x, dense_weights(w, b, Kind::F32));
+  return run_one(x, dense_weights(w, b, kind));
 }
 
-at::Tensor linear_bf16w(const at::Tensor& x, const at::Tensor& w_, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && w_.scalar_type() == at::kBFloat16, "linear_bf16w: fp32 x, bf16 w");
-  at::Tensor w = w_.contiguous();
-  TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(-1), "linear_bf16w: weight shape does not match the input");
-  std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
-  return run_one(x, dense_weights(w, b, Kind::BF16));
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  return dense_linear(x, w, bias, Kind::F32, "linear_f32");
+}
+
+at::Tensor linear_bf16w(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  return dense_linear(x, w, bias, Kind::BF16, "linear_bf16w");
 }
 
 // y = x W^T for several weights sharing the input (q/k/v, gate/up): one pass over the threads, no copies

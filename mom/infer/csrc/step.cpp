@@ -216,27 +216,43 @@ struct Program : torch::CustomClassHolder {
     std::copy(order.begin(), order.begin() + k, idx);
   }
 
-  // Row-to-expert assignments: item i (a row and a slot) goes through experts[expert[i]]. Returns each item's
-  // output (items, N_out), each expert's weights read once for all of its rows.
+  // Items sorted by expert: item order[j] sits at slot j, expert e holds slots start[e] .. start[e + 1] (items
+  // in their own order), so each expert runs once on a contiguous block and its weights are read once.
+  struct Grouping {
+    std::vector<int64_t> order, start;
+    Grouping(const std::vector<int64_t>& expert, int64_t E) : order(expert.size()), start(E + 1, 0) {
+      for (int64_t e : expert) ++start[e + 1];
+      for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
+      std::vector<int64_t> next(start.begin(), start.end() - 1);
+      for (size_t i = 0; i < expert.size(); ++i) order[next[expert[i]]++] = static_cast<int64_t>(i);
+    }
+    int64_t count(int64_t e) const { return start[e + 1] - start[e]; }
+    Buf gather(const float* x, int64_t width, const std::vector<int64_t>& rows) const {  // item i reads row rows[i]
+      Buf out(order.size() * width);
+      for (size_t j = 0; j < order.size(); ++j)
+        std::memcpy(&out[j * width], x + rows[order[j]] * width, width * sizeof(float));
+      return out;
+    }
+    Buf scatter(const Buf& ys, int64_t width) const {  // back to item order
+      Buf out(order.size() * width);
+      for (size_t j = 0; j < order.size(); ++j)
+        std::memcpy(&out[order[j] * width], &ys[j * width], width * sizeof(float));
+      return out;
+    }
+  };
+
+  // Item i (a row and a slot) goes through the SwiGLU expert experts[expert[i]]; returns the items' outputs.
   Buf run_experts(const std::vector<Expert>& experts, int64_t act, const float* x, int64_t width,
                   const std::vector<int64_t>& rows, const std::vector<int64_t>& expert) {
-    const int64_t items = static_cast<int64_t>(rows.size());
-    const int64_t E = static_cast<int64_t>(experts.size());
-    std::vector<std::vector<int64_t>> members(E);
-    for (int64_t i = 0; i < items; ++i) members[expert[i]].push_back(i);
-    const int64_t ff = lins[experts[0].gate].N;
-    Buf xin(items * width), g(items * ff), u(items * ff);
-    std::vector<int64_t> start(E + 1, 0);
-    for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + static_cast<int64_t>(members[e].size());
-    for (int64_t e = 0; e < E; ++e)
-      for (size_t j = 0; j < members[e].size(); ++j)
-        std::memcpy(&xin[(start[e] + j) * width], x + rows[members[e][j]] * width, width * sizeof(float));
+    const int64_t items = static_cast<int64_t>(rows.size()), E = static_cast<int64_t>(experts.size());
+    const Grouping gr(expert, E);
+    const int64_t ff = lins[experts[0].gate].N, out_w = lins[experts[0].down].N;
+    Buf xin = gr.gather(x, width, rows), g(items * ff), u(items * ff), ys(items * out_w);
     std::vector<Call> calls;
     for (int64_t e = 0; e < E; ++e) {
-      const int64_t c = start[e + 1] - start[e];
-      if (c == 0) continue;
-      calls.push_back({experts[e].gate, &xin[start[e] * width], c, &g[start[e] * ff]});
-      calls.push_back({experts[e].up, &xin[start[e] * width], c, &u[start[e] * ff]});
+      if (!gr.count(e)) continue;
+      calls.push_back({experts[e].gate, &xin[gr.start[e] * width], gr.count(e), &g[gr.start[e] * ff]});
+      calls.push_back({experts[e].up, &xin[gr.start[e] * width], gr.count(e), &u[gr.start[e] * ff]});
     }
     linears(calls);
     for (int64_t i = 0; i < items * ff; ++i) {
@@ -246,18 +262,23 @@ struct Program : torch::CustomClassHolder {
       else a = a > 0.f ? a : 0.f;
       g[i] = a * u[i];
     }
-    const int64_t out_w = lins[experts[0].down].N;
-    Buf ys(items * out_w), y(items * out_w);
     calls.clear();
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t c = start[e + 1] - start[e];
-      if (c) calls.push_back({experts[e].down, &g[start[e] * ff], c, &ys[start[e] * out_w]});
-    }
-    linears(calls);
     for (int64_t e = 0; e < E; ++e)
-      for (size_t j = 0; j < members[e].size(); ++j)
-        std::memcpy(&y[members[e][j] * out_w], &ys[(start[e] + j) * out_w], out_w * sizeof(float));
-    return y;
+      if (gr.count(e)) calls.push_back({experts[e].down, &g[gr.start[e] * ff], gr.count(e), &ys[gr.start[e] * out_w]});
+    linears(calls);
+    return gr.scatter(ys, out_w);
+  }
+
+  // out[i] = sum over slots s (in order) of w[i k + s] y[i k + s]: the gated mixture of a row's k expert outputs
+  static Buf mix_slots(const Buf& y, const std::vector<float>& w, int64_t n, int64_t k, int64_t width) {
+    Buf out(n * width);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t c = 0; c < width; ++c) {
+        float acc = y[(i * k) * width + c] * w[i * k];
+        for (int64_t s = 1; s < k; ++s) acc = acc + y[(i * k + s) * width + c] * w[i * k + s];
+        out[i * width + c] = acc;
+      }
+    return out;
   }
 
   // top-k softmax routing of n rows of width `width` through a MoE; returns (n, width)
@@ -284,15 +305,7 @@ struct Program : torch::CustomClassHolder {
       if (f.normalize)
         for (int64_t s2 = 0; s2 < k; ++s2) weight[i * k + s2] = weight[i * k + s2] / tot;
     }
-    Buf y = run_experts(f.experts, f.act, x, width, rows, expert);
-    Buf out(n * width);
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t d = 0; d < width; ++d) {
-        float acc = y[(i * k) * width + d] * weight[i * k];
-        for (int64_t s2 = 1; s2 < k; ++s2) acc = acc + y[(i * k + s2) * width + d] * weight[i * k + s2];
-        out[i * width + d] = acc;
-      }
-    return out;
+    return mix_slots(run_experts(f.experts, f.act, x, width, rows, expert), weight, n, k, width);
   }
 
   Buf feed_forward(const FeedForward& f, const float* x, int64_t n) {
@@ -427,38 +440,19 @@ struct Program : torch::CustomClassHolder {
     }
     std::vector<int64_t> self(n * k);
     std::iota(self.begin(), self.end(), 0);
-    Buf y = grouped(a.o, o.data(), width, self, expert, d), out(n * d);
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t c = 0; c < d; ++c) {
-        float acc = y[(i * k) * d + c] * gate[i * k];
-        for (int64_t s = 1; s < k; ++s) acc = acc + y[(i * k + s) * d + c] * gate[i * k + s];
-        out[i * d + c] = acc;
-      }
-    return out;
+    return mix_slots(grouped(a.o, o.data(), width, self, expert, d), gate, n, k, d);
   }
 
-  // item i: linear ids[expert[i]] applied to row rows[i] of x (width in -> out); one read of each weight
+  // item i: linear ids[expert[i]] applied to row rows[i] of x (width in -> out_w); one read of each weight
   Buf grouped(const std::vector<int64_t>& ids, const float* x, int64_t width, const std::vector<int64_t>& rows,
               const std::vector<int64_t>& expert, int64_t out_w) {
-    const int64_t items = static_cast<int64_t>(rows.size()), E = static_cast<int64_t>(ids.size());
-    std::vector<std::vector<int64_t>> members(E);
-    for (int64_t i = 0; i < items; ++i) members[expert[i]].push_back(i);
-    Buf xin(items * width), ys(items * out_w), y(items * out_w);
+    const Grouping gr(expert, static_cast<int64_t>(ids.size()));
+    Buf xin = gr.gather(x, width, rows), ys(rows.size() * out_w);
     std::vector<Call> calls;
-    int64_t at_ = 0;
-    for (int64_t e = 0; e < E; ++e) {
-      for (size_t j = 0; j < members[e].size(); ++j)
-        std::memcpy(&xin[(at_ + j) * width], x + rows[members[e][j]] * width, width * sizeof(float));
-      const int64_t c = static_cast<int64_t>(members[e].size());
-      if (c) calls.push_back({ids[e], &xin[at_ * width], c, &ys[at_ * out_w]});
-      at_ += c;
-    }
+    for (size_t e = 0; e < ids.size(); ++e)
+      if (gr.count(e)) calls.push_back({ids[e], &xin[gr.start[e] * width], gr.count(e), &ys[gr.start[e] * out_w]});
     linears(calls);
-    at_ = 0;
-    for (int64_t e = 0; e < E; ++e)
-      for (size_t j = 0; j < members[e].size(); ++j, ++at_)
-        std::memcpy(&y[members[e][j] * out_w], &ys[at_ * out_w], out_w * sizeof(float));
-    return y;
+    return gr.scatter(ys, out_w);
   }
 
   Buf mamba(const Mamba& m, const float* xn, const Rows& rows, int64_t layer) {
