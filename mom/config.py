@@ -92,6 +92,7 @@ class SchedulerSchema:
     warmup_steps: int = 100  # linear warmup from 0
     min_lr_ratio: float = 0.1  # the final lr as a fraction of optimizer.lr
     total_steps: Optional[int] = None  # None: trainer.max_steps (or Lightning's estimate when that is -1)
+    follow_time: bool = True  # with trainer.max_time: decay by max(step, time) progress (mom/optim.py)
 
 
 @dataclass

@@ -185,6 +185,21 @@ class MoMLitModule(L.LightningModule):
         opt = self.optimizers()
         if not isinstance(opt, list):
             self.log("train/lr", opt.param_groups[0]["lr"])
+        timer = self._budget_timer()
+        if timer is not None:  # the schedule follows the wall-clock budget (WarmupDecay.time_fraction)
+            elapsed, left = timer.time_elapsed("train"), timer.time_remaining("train")
+            for config in self.trainer.lr_scheduler_configs:
+                for fn in getattr(config.scheduler, "lr_lambdas", ()):
+                    if hasattr(fn, "time_fraction") and elapsed + left > 0:
+                        fn.time_fraction = min(1.0, elapsed / (elapsed + left))
+
+    def _budget_timer(self):
+        """Lightning's Timer of ``trainer.max_time`` when the schedule follows it, else None."""
+        if not self.hparams.scheduler.get("follow_time", True):
+            return None
+        from lightning.pytorch.callbacks import Timer
+
+        return next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         from mom.distributed import global_grad_norm
@@ -234,7 +249,9 @@ class MoMLitModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = build_optimizer(self.model, self.hparams.optimizer)
         total = self.hparams.scheduler.get("total_steps") or self.trainer.max_steps
-        if not total or total < 0:
+        if (not total or total < 0) and self._budget_timer() is not None:
+            total = 2**31 - 1  # no step budget: the time budget alone drives the decay
+        elif not total or total < 0:
             total = int(self.trainer.estimated_stepping_batches)
         scheduler = build_scheduler(optimizer, self.hparams.scheduler, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -10,7 +10,10 @@
 - ``galore_adamw8bit``: the same with bitsandbytes 8-bit states; CUDA only.
 
 Schedules are :class:`torch.optim.lr_scheduler.LambdaLR` stepped every optimizer step: linear warmup from 0,
-then cosine or linear decay to ``min_lr_ratio`` x lr at ``total_steps``, or constant.
+then cosine or linear decay to ``min_lr_ratio`` x lr at ``total_steps``, or constant. With
+``follow_time`` (the default) and a ``trainer.max_time`` budget, the decay's progress is the larger of the
+steps done and the time spent (fractions of their budgets): a run that the clock stops before ``max_steps``
+still ends its schedule, so arms of different speeds compare at equal wall-clock, each fully decayed.
 """
 
 from __future__ import annotations
@@ -142,13 +145,16 @@ class WarmupDecay:
             raise ConfigError(f"scheduler.min_lr_ratio: must be in [0, 1], got {min_lr_ratio}")
         self.name, self.warmup_steps, self.min_lr_ratio = name, int(warmup_steps), float(min_lr_ratio)
         self.total_steps = max(int(total_steps), self.warmup_steps + 1)
+        self.time_fraction = 0.0  # of trainer.max_time spent; set each step by the LightningModule (a float:
+        # LambdaLR checkpoints this object's __dict__)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         if self.name == "constant":
             return 1.0
-        t = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        t = min(1.0, max((step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps),
+                         self.time_fraction))
         shape = 0.5 * (1.0 + math.cos(math.pi * t)) if self.name == "cosine" else 1.0 - t
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * shape
 

@@ -6,7 +6,11 @@
 - ``train/tokens_per_s`` and ``train/samples_per_s``: all processes together;
 - ``train/tflops_per_s``: model TFLOP/s per device, from
   :func:`mom.model.summary.training_flops_per_token` (6 x active parameters + attention and scan terms);
-- ``train/mfu``: that divided by the device's peak (``trainer.peak_flops``), when a peak is known.
+- ``train/mfu``: that divided by the device's peak (``trainer.peak_flops``), when a peak is known;
+- ``train/time_s``: seconds of training so far (validation excluded), the wall-clock axis of ``mom.report``.
+
+The process's resident memory is sampled after every batch (Linux ``/proc``); its peak during training is in
+the summary (``peak_rss_mib``), beside the peak CUDA memory on GPUs.
 
 ``trainer.peak_flops`` is the dense bf16 peak FLOP/s of one device: a number, a preset of :data:`PEAK_FLOPS`
 (``h100``, ``a100`` ...), ``auto`` (the preset matching the CUDA device's name, else Lightning's table; none on
@@ -16,6 +20,7 @@ the peak CUDA memory allocated, on GPUs).
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from typing import Any
@@ -91,6 +96,7 @@ class ThroughputMonitor(Callback):
         self._t_last: float | None = None
         self._world = 1
         self._cuda: torch.device | None = None
+        self._peak_rss = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset()
@@ -113,6 +119,8 @@ class ThroughputMonitor(Callback):
             self._tokens += tokens
             self._samples += samples
         self._t_last = now
+        self._peak_rss = max(self._peak_rss, resident_bytes())
+        pl_module.log("train/time_s", self._train_time)
         self._window.append((self._train_time, self._tokens, self._samples))
         if len(self._window) < 2:
             return
@@ -146,6 +154,9 @@ class ThroughputMonitor(Callback):
         out = self._rates(self._tokens / self._train_time, self._samples / self._train_time)
         if self._cuda is not None:
             out["peak_memory_gib"] = torch.cuda.max_memory_allocated(self._cuda) / 2**30
+        if self._peak_rss:
+            out["peak_rss_mib"] = self._peak_rss / 2**20
+        out["train_time_s"] = self._train_time
         return out
 
     def summary_line(self) -> str:
@@ -163,7 +174,21 @@ class ThroughputMonitor(Callback):
             line += f", MFU n/a: {self.peak_source}"
         if "peak_memory_gib" in s:
             line += f", peak memory {s['peak_memory_gib']:.2f} GiB"
+        if "peak_rss_mib" in s:
+            line += f", peak RSS {s['peak_rss_mib']:,.0f} MiB"
         return line
 
 
-__all__ = ["PEAK_FLOPS", "ThroughputMonitor", "resolve_peak_flops"]
+def resident_bytes() -> int:
+    """The process's resident set size now (Linux /proc/self/statm), 0 where that cannot be read."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+__all__ = ["PEAK_FLOPS", "ThroughputMonitor", "resident_bytes", "resolve_peak_flops"]

@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig
 
 from mom.config import CONF_DIR, model_config, register_configs, to_plain, wandb_mode_offline
+from mom.files import atomic_write
 from mom.model.config import ConfigError
 
 log = logging.getLogger("mom")
@@ -247,6 +248,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if monitor is not None:
             print(f"[mom.train] {monitor.summary_line()}")
             metrics.update({f"run/{k}": v for k, v in monitor.summary().items()})
+        metrics["train/tokens"] = float(lit._tokens_seen)
+        # what mom.report reads beside metrics.csv and param_summary.json (written last: a run that has it ended)
+        summary = json.dumps(metrics, indent=2, sort_keys=True)
+        atomic_write(run_dir / "run_summary.json", lambda f: f.write(summary), mode="w")
         print(f"[mom.train] run dir: {run_dir}")
     return metrics
 
