@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,57 @@ def test_every_option_composes(compose, group, option):
     if group == "precision":
         assert set(cfg.precision) == set(PRECISION_COMPONENTS)
         assert to_plain(cfg.precision) == PRECISION_PRESETS[option]
+
+
+MIXTURES = sorted(p.stem for p in (CONF_DIR / "mixture").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("mixture", MIXTURES)
+def test_mixture_options_switch_exactly_their_mixtures(compose, mixture):
+    """conf/mixture/ sets which mixtures the model keeps and nothing else (widths stay the model's)."""
+    base = compose(["model=tiny", *RUN]).model
+    m = compose(["model=tiny", f"mixture={mixture}", *RUN]).model
+    moe = mixture in ("moe", "mhmoe", "all")
+    assert (m.num_experts, m.num_experts_per_tok) == ((4, 2) if moe else (1, 1))
+    assert m.mhmoe_enabled == (mixture in ("mhmoe", "all"))
+    assert m.moa_enabled == (mixture in ("moa", "all"))
+    assert m.mod_enabled == (mixture.startswith("mod") or mixture == "all")
+    if m.mod_enabled:
+        assert m.mod_capacity == {"mod_12": 0.125, "mod_25": 0.25, "mod_50": 0.5, "all": 0.5}[mixture]
+    assert (m.hidden_size, m.intermediate_size, m.num_hidden_layers) == \
+        (base.hidden_size, base.intermediate_size, base.num_hidden_layers)
+    MoMConfig(**to_plain(m))  # a valid model
+    if mixture == "all":  # every mixture on = the tiny model of make train
+        assert to_plain(m) == to_plain(base)
+
+
+ABLATIONS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("ablate_*.yaml"))
+
+
+@pytest.mark.parametrize("study", ABLATIONS)
+def test_every_arm_of_every_ablation_composes(compose, study):
+    """Each value of each swept key (hydra.sweeper.params) composes with its experiment and takes effect;
+    every arm runs on a time budget with the schedule following it, in a folder named by its overrides."""
+    params = OmegaConf.load(CONF_DIR / "experiment" / f"{study}.yaml").hydra.sweeper.params
+    assert "seed" in params and len(params) >= 2
+    base = compose([f"experiment={study}", *RUN])
+    assert base.trainer.max_time and base.trainer.max_steps == -1 and base.scheduler.follow_time
+    assert base.ckpt_path == "last"
+    for key, values in params.items():
+        for value in str(values).split(","):
+            cfg = compose([f"experiment={study}", f"{key}={value}", *RUN])
+            if key == "precision":
+                assert to_plain(cfg.precision) == PRECISION_PRESETS[value]
+            elif key == "optimizer":
+                assert cfg.optimizer.name.startswith(value.split("_r")[0])
+                if "_r" in value:
+                    assert cfg.optimizer.rank == int(value.rsplit("_r", 1)[1])
+            elif key == "slm":
+                assert cfg.slm.name == value and cfg.slm.reference == "online"
+            elif key == "mixture":
+                assert cfg.model.mod_enabled == (value.startswith("mod") or value == "all")
+            else:
+                assert str(OmegaConf.select(cfg, key)) == value
 
 
 @pytest.mark.parametrize("name", ["eval", "generate"])
@@ -182,6 +234,21 @@ def test_no_weight_decay_on_norms_biases_embeddings_A_log_D(compose):
         no_decay = (leaf in ("A_log", "D", "bias") or "norm" in name or "embed" in name or p.ndim < 2)
         assert (id(p) in groups["no_decay"]) == no_decay, name
     assert any(n.endswith("A_log") for n, _ in model.named_parameters()), "model has no A_log?"
+
+
+def test_schedule_follows_the_time_budget():
+    """time_fraction (of trainer.max_time spent) advances the decay when the clock runs ahead of the steps."""
+    from mom.optim import WarmupDecay
+
+    fn = WarmupDecay("cosine", 10, 1000, 0.1)
+    assert fn(20) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 10 / 990)))  # steps alone
+    fn.time_fraction = 0.5
+    assert fn(20) == pytest.approx(0.55)  # half the time spent: half way down the cosine
+    fn.time_fraction = 1.0
+    assert fn(20) == pytest.approx(0.1) and fn(5) == pytest.approx(0.6)  # warmup stays in steps
+    assert fn(1000) == pytest.approx(0.1)
+    fn.time_fraction = 0.0
+    assert fn(505) == pytest.approx(0.55)  # the steps lead: they decide
 
 
 @pytest.mark.parametrize("option", ["cosine", "linear", "constant"])

@@ -34,6 +34,8 @@ def test_every_experiment_runs_one_step_here(compose, train_fn, experiment, tmp_
               "trainer.enable_model_summary=false", "scheduler.warmup_steps=1"]  # not debug=fast: it sets cpu
     offline = ["data=shakespeare"] if compose([f"experiment={experiment}", f"paths.run_dir={tmp_path}"]
                                               ).data.source.type == "hub" else []
+    if experiment == "ablate_slm":  # its tokenizer is the slm_reference run's, which a test does not have
+        offline.append("data.tokenizer.path=null")
     cfg = compose([f"experiment={experiment}", *offline, *small_model_overrides(), *shrink,
                    "trainer.fast_dev_run=1", f"paths.run_dir={tmp_path}"])
     assert cfg.data.tokenizer.name is None and cfg.trainer.accelerator == "auto", experiment
@@ -77,6 +79,25 @@ def test_train_writes_run_dir_metrics_and_model(compose, train_fn, tmp_path):
     model = MoMForCausalLM.from_pretrained(run / "model")
     ids = torch.randint(0, 512, (1, 8))
     assert model(ids).logits.shape[-1] == cfg.model.vocab_size
+
+
+def test_time_budget_ends_the_schedule(compose, train_fn, tmp_path):
+    """trainer.max_time with no step budget: the clock stops the run and the cosine has decayed by then
+    (scheduler.follow_time); run_summary.json records the run for mom.report."""
+    import json
+
+    run = tmp_path / "run"
+    cfg = compose(tiny_overrides(run) + ["trainer.max_steps=-1", "trainer.max_time=00:00:00:06",
+                                         "trainer.val_check_interval=1000", "trainer.limit_val_batches=1",
+                                         "optimizer.lr=1e-3", "scheduler.min_lr_ratio=0.1"])
+    metrics = train_fn(cfg)
+    assert metrics["step"] >= 4  # the clock stopped it, not a step count
+    # peak 1e-3; the step-based progress is ~0 with no step budget, so only the clock brought it this low
+    assert metrics["train/lr"] < 0.5e-3, metrics["train/lr"]
+    summary = json.loads((run / "run_summary.json").read_text())
+    assert summary["step"] == metrics["step"] and summary["train/tokens"] > 0
+    assert summary["run/peak_rss_mib"] > 50 and 0 < summary["run/train_time_s"] <= 7
+    assert "train/time_s" in set(_rows(run)[0])
 
 
 def test_resume_from_last_ckpt_continues_step_count(compose, train_fn, tmp_path):
