@@ -143,6 +143,32 @@ def test_native_step_equals_full_forward(mod, moa, mhmoe, precision):
 
 
 @needs_kernels
+@pytest.mark.parametrize("precision", ["bf16", "ternary"])
+def test_native_and_per_layer_steps_with_the_mhmoe_authors_options(precision):
+    """MH-MoE with biased head/merge projections and raw gates (model.mhmoe_proj_bias, mhmoe_normalize_gates)."""
+    from mom.model.moe import MultiHeadMoE
+
+    model = build(seed=4, mhmoe=True, mhmoe_proj_bias=True, mhmoe_normalize_gates=False, precision=precision,
+                  mamba_dt_rank=8).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, MultiHeadMoE):
+                torch.nn.init.normal_(m.head_proj.bias)
+                torch.nn.init.normal_(m.merge_proj.bias)
+    for m in (model, pack_model(model).eval()) if precision == "ternary" else (model,):
+        prompt = torch.randint(3, V, (1, 6), generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            ref = m(prompt).logits[0]
+        for native in (True, False):
+            eng = Engine(m, native=native)
+            assert (eng.native is not None) == native, eng.native_why
+            cache = eng.get_cache(1, 8)
+            cache.reset()
+            for t in range(prompt.shape[1]):
+                torch.testing.assert_close(eng.step(prompt[:, t], cache)[0], ref[t], rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
 @pytest.mark.parametrize("mod,moa,mhmoe", [(False, False, False), (True, True, True), (True, False, True)])
 def test_native_prefill_and_batched_decoding_with_padding(mod, moa, mhmoe):
     model = _native_model(mod, moa, mhmoe, "ternary", packed=True, seed=3)

@@ -296,6 +296,33 @@ def test_mhmoe_gates_renormalised_or_raw_as_configured(normalize):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_mhmoe_projection_bias_and_top1_balance_as_configured():
+    from mom.model.config import ConfigError
+    from mom.model.experts import load_balance_loss, stable_top_k
+
+    plain = build(mhmoe=True)
+    assert all(m.head_proj.bias is None and m.merge_proj.bias is None
+               for m in plain.modules() if isinstance(m, MultiHeadMoE))
+    model = build(mhmoe=True, mhmoe_proj_bias=True, mhmoe_balance="top1")
+    moe = next(m for m in model.modules() if isinstance(m, MultiHeadMoE))
+    assert moe.head_proj.bias.shape == (32,) and moe.merge_proj.bias.shape == (32,)
+    x = torch.randn(2, 7, 32)
+    _, aux, _ = moe(x)
+    with torch.no_grad():
+        probs = torch.softmax(moe.router(moe.head_proj(x).reshape(-1, moe.sub_dim)).float(), -1)
+    first = stable_top_k(probs, moe.top_k)[1][:, 0]
+    # E * sum_e (share of sub-tokens whose FIRST choice is e) * (mean probability of e)
+    want = moe.num_experts * sum((first == e).float().mean() * probs[:, e].mean() for e in range(moe.num_experts))
+    torch.testing.assert_close(aux["moe_balance"], want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(aux["moe_balance"], load_balance_loss(probs, stable_top_k(probs, moe.top_k)[1]))
+    with torch.no_grad():  # the bias is used: moving it moves the output; cached decoding follows
+        torch.nn.init.normal_(moe.merge_proj.bias)
+        prompt = torch.randint(3, V, (1, 8), generator=torch.Generator().manual_seed(1))
+        assert torch.equal(model.eval().generate(prompt, 5), model.generate(prompt, 5, use_cache=False))
+    with pytest.raises(ConfigError, match="mhmoe_balance"):
+        tiny_config(mhmoe=True, mhmoe_balance="top2")
+
+
 def test_mod_update_scale_sigmoid_or_raw_router_weight():
     from mom.model.config import ConfigError
 

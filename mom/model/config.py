@@ -111,6 +111,12 @@ class MoMConfig:
     # renormalise each sub-token's top-k gate weights to sum to 1 (MoM's default); the authors' TopkGate does
     # not (normalize_gate_prob_before_dropping=False): False keeps the raw softmax probabilities
     mhmoe_normalize_gates: bool = True
+    # a bias on the head and merge projections (the authors' code has one; MoM's default: none, as its other
+    # projections)
+    mhmoe_proj_bias: bool = False
+    # the balance loss counts every top-k choice ("topk", MoM's default) or each sub-token's first choice only
+    # ("top1", as the authors' top-2 gate)
+    mhmoe_balance: str = "topk"
 
     def __post_init__(self) -> None:
         if not self.mamba_dt_rank:
@@ -166,6 +172,8 @@ class MoMConfig:
             bad("mhmoe_num_heads", f"{self.mhmoe_num_heads} heads do not divide hidden_size {self.hidden_size}")
         if not 0.0 < self.mod_capacity <= 1.0:
             bad("mod_capacity", f"must be in (0, 1], got {self.mod_capacity}")
+        if self.mhmoe_balance not in ("topk", "top1"):
+            bad("mhmoe_balance", f"must be 'topk' or 'top1', got {self.mhmoe_balance!r}")
         if self.mod_update_scale not in ("sigmoid", "router"):
             bad("mod_update_scale", f"must be 'sigmoid' or 'router', got {self.mod_update_scale!r}")
         for name, period, offset in (("attn_layer", self.attn_layer_period, self.attn_layer_offset),

@@ -62,10 +62,10 @@ class MultiHeadMoE(nn.Module):
         p = config.precision
         d, h = config.hidden_size, config.mhmoe_num_heads
         self.heads, self.sub_dim = h, d // h
-        self.normalize_gates = config.mhmoe_normalize_gates
+        self.normalize_gates, self.balance = config.mhmoe_normalize_gates, config.mhmoe_balance
         self.num_experts, self.top_k = config.num_experts, config.num_experts_per_tok
-        self.head_proj = make_linear(d, d, bias=False, kind=p["ffn"])
-        self.merge_proj = make_linear(d, d, bias=False, kind=p["ffn"])
+        self.head_proj = make_linear(d, d, bias=config.mhmoe_proj_bias, kind=p["ffn"])
+        self.merge_proj = make_linear(d, d, bias=config.mhmoe_proj_bias, kind=p["ffn"])
         self.router = make_linear(self.sub_dim, self.num_experts, bias=False, kind=p["moe_router"])
         self.experts = nn.ModuleList(
             MLP(self.sub_dim, config.intermediate_size, config.hidden_act, p["ffn"]) for _ in range(self.num_experts)
@@ -80,7 +80,8 @@ class MultiHeadMoE(nn.Module):
         y = self.merge_proj(y.reshape(shape))
         if not want_aux(self):
             return y, {}, {}
-        aux = {"moe_balance": load_balance_loss(probs, top_i)}
+        counted = top_i if self.balance == "topk" else top_i[:, :1]  # top1: the first (largest) choice only
+        aux = {"moe_balance": load_balance_loss(probs, counted)}
         stats = {"moe_load_max": load_max(top_i, self.num_experts)}
         return y, aux, stats
 
