@@ -272,12 +272,12 @@ def figure(runs: list[Run], sweep_dir: Path):
     return fig
 
 
-def plot(runs: list[Run], sweep_dir: Path, out: Path) -> Path:
+def plot(runs: list[Run], sweep_dir: Path, out: Path, dpi: int = 110) -> Path:
     """:func:`figure` written to ``out`` (PNG)."""
     import matplotlib.pyplot as plt
 
     fig = figure(runs, sweep_dir)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
 
@@ -336,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-score", action="store_true",
                     help="do not score the final models on the whole validation split (use the last validation)")
     ap.add_argument("--batch-size", type=int, default=16, help="batch size of the whole-split scoring")
+    ap.add_argument("--dpi", type=int, default=110, help="resolution of the PNG (e.g. 60 for a small copy in docs)")
     args = ap.parse_args(argv)
     sweep = args.sweep_dir.resolve()
     if not sweep.is_dir():
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                 run.score = score_run(run, args.batch_size)
             except Exception as e:  # noqa: BLE001 - one unreadable run keeps its last validation, the rest go on
                 print(f"mom.report: {run.path}: not scored ({e})", file=sys.stderr)
-    png = plot(runs, sweep, args.out or sweep / "report.png")
+    png = plot(runs, sweep, args.out or sweep / "report.png", args.dpi)
     md = table(runs, sweep)
     (sweep / "report.md").write_text(md + "\n")
     print(md)
