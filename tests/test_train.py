@@ -218,9 +218,16 @@ def test_multirun_then_report(python_env, tmp_path):
     # each job its own (offline) wandb run: multirun jobs never merge
     wandb_runs = {p.name for r in runs for p in (r / "wandb").glob("offline-run-*")}
     assert len(wandb_runs) == 2, wandb_runs
-    res = _run([PYTHON, "-m", "mom.report", str(sweep)], python_env, timeout=120, cwd=tmp_path)
+    res = _run([PYTHON, "-m", "mom.report", str(sweep)], python_env, timeout=300, cwd=tmp_path)
     assert (sweep / "report.png").is_file() and (sweep / "report.png").stat().st_size > 1000
-    assert "| run |" in res.stdout and "precision=bf16" in res.stdout and "precision=ternary" in res.stdout
+    assert "| arm |" in res.stdout and "precision=bf16" in res.stdout and "precision=ternary" in res.stdout
+    # each final model scored on the whole validation split, as mom.eval does, and cached beside it
+    import json
+
+    for r in runs:
+        score = json.loads((r / "eval.json").read_text())
+        assert score["tokens"] > 1000 and 0 < score["bpb"] < 20
+    assert "val bpb, whole split" in res.stdout
     print(res.stdout)
 
 
