@@ -188,10 +188,13 @@ class MoMLitModule(L.LightningModule):
         timer = self._budget_timer()
         if timer is not None:  # the schedule follows the wall-clock budget (WarmupDecay.time_fraction)
             elapsed, left = timer.time_elapsed("train"), timer.time_remaining("train")
+            fraction = min(1.0, elapsed / (elapsed + left)) if elapsed + left > 0 else 0.0
+            if self.trainer.world_size > 1:  # rank 0's clock for all: replicas must step with the same lr
+                fraction = self.trainer.strategy.broadcast(fraction, src=0)
             for config in self.trainer.lr_scheduler_configs:
                 for fn in getattr(config.scheduler, "lr_lambdas", ()):
-                    if hasattr(fn, "time_fraction") and elapsed + left > 0:
-                        fn.time_fraction = min(1.0, elapsed / (elapsed + left))
+                    if hasattr(fn, "time_fraction"):
+                        fn.time_fraction = fraction
 
     def _budget_timer(self):
         """Lightning's Timer of ``trainer.max_time`` when the schedule follows it, else None."""

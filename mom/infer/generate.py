@@ -70,25 +70,30 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sam
         stats["prefill_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         gc.disable()  # a collection walks every object of the model: not between two decode steps
-        tokens = input_ids
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        # the output written in place (no torch.cat a token); padding after a sequence's eos
+        tokens = torch.full((B, T + max_new_tokens), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
+        tokens[:, :T] = input_ids
+        n = T
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device) if eos_token_id is not None else None
         nxt = input_ids[:, -1]
         for step in range(max_new_tokens):
             if step:
                 logits = engine.step(nxt, cache)
-            nxt = choose_next(logits, tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+            nxt = choose_next(logits, tokens[:, :n], do_sample=do_sample, temperature=temperature, top_k=top_k,
                               top_p=top_p, repetition_penalty=repetition_penalty, generator=generator)
-            nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
-            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            if done is not None:
+                nxt = nxt.masked_fill(done, pad_token_id)
+            tokens[:, n] = nxt
+            n += 1
             stats["new_tokens"] = step + 1
             if streamer is not None:
                 streamer(nxt)
-            if eos_token_id is not None:
+            if done is not None:
                 done = done | (nxt == eos_token_id)
                 if bool(done.all()):
                     break
         stats["decode_s"] = time.perf_counter() - t1
-        return tokens
+        return tokens[:, :n].contiguous()
     finally:
         if gc_was_on:
             gc.enable()
