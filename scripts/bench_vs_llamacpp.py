@@ -14,7 +14,10 @@
 3. Runs ``llama-bench -t THREADS -p PROMPT -n NEW`` on both files, and MoM on the same weights
    (``mom.convert.from_hf_jamba``): fp32, and the ``ternary`` preset packed to 2 bits (``pack_model``), each
    through the native step (the whole network in one C++ call), the per-layer Python step and the latter
-   under ``compile=True`` (``--no-compile`` skips it), prefill and decode tokens/s from ``mom.infer.generate``.
+   under ``compile=True`` (``--no-compile`` skips it), prefill and decode tokens/s from ``mom.infer.generate``
+   (a greedy generation: the decode loop with its sampling); and the rows "as llama-bench", measured the way
+   llama-bench measures (``test_prompt``/``test_gen``: forward calls from an empty cache, random tokens, no
+   sampling), the like-for-like ratio.
 
 Each row's "of floor" = its decode tokens/s over the bandwidth floor: read bandwidth (a 256 MiB fp32 sum,
 measured in this process) / bytes of weights a decoded token reads (active experts only; 2 bits a ternary
@@ -225,6 +228,30 @@ def mom_bench(model, prompt: torch.Tensor, new: int, variant: dict) -> tuple[flo
     return B * T / st["prefill_s"], B * (st["new_tokens"] - 1) / st["decode_s"], comp
 
 
+def step_bench(model, prompt: torch.Tensor, new: int, variant: dict) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) measured as llama-bench measures: prompt processing into an empty cache,
+    and ``new`` single-token decode calls from an empty cache with random tokens and no sampling (its
+    ``test_gen``), after one warm-up pass of each."""
+    from mom.infer.engine import Engine
+
+    eng = Engine(model, native=variant.get("native"), high_precision=variant.get("high_precision", "fp32"))
+    if eng.native is None:
+        raise SystemExit(f"the native step is not in use: {eng.native_why}")
+    cache = eng.get_cache(1, max(prompt.shape[1], new) + 1)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, model.config.vocab_size, (new, 1), generator=gen)
+    times = []
+    for _ in range(2):  # warm-up, then the timed pass
+        t0 = time.perf_counter()
+        eng.prefill(prompt, None, cache)
+        t1 = time.perf_counter()
+        cache.reset()
+        for i in range(new):
+            eng.step(tokens[i], cache)
+        times = [t1 - t0, time.perf_counter() - t1]
+    return prompt.shape[1] / times[0], new / times[1]
+
+
 def ref_bench(model, prompt: torch.Tensor, new: int) -> tuple[float, float]:
     """(prefill tok/s, decode tok/s) of the reference cached decoding (mom.model.generation), per-token times
     from its streamer."""
@@ -306,6 +333,14 @@ def main() -> None:
         engines["MoM ternary packed, native step, bf16 head"] = (
             lambda m=packed: mom_bench(m, prompt, args.new_tokens, dict(high_precision="bf16"))[:2], bf16_bytes,
             base2)
+        if not args.skip_llamacpp:  # the same measurement as llama-bench's: forward calls only, no sampling loop
+            engines["MoM fp32, native step as llama-bench"] = (
+                lambda m=model: step_bench(m, prompt, args.new_tokens, {}), fp32_bytes, base32)
+            engines["MoM ternary packed, native step as llama-bench"] = (
+                lambda m=packed: step_bench(m, prompt, args.new_tokens, {}), packed_bytes, base2)
+            engines["MoM ternary packed, native step as llama-bench, bf16 head"] = (
+                lambda m=packed: step_bench(m, prompt, args.new_tokens, dict(high_precision="bf16")), bf16_bytes,
+                base2)
 
         results: dict = {k: [] for k in engines}
         for _ in range(args.reps):  # rounds: a slow spell of this shared machine hits every engine alike

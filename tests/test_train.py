@@ -179,7 +179,8 @@ def test_ddp_cpu_two_processes(python_env, tmp_path):
     cmd = [PYTHON, str(REPO / "tests" / "helpers" / "collapsed_router_train.py"), "trainer=ddp_cpu", "model=jamba_tiny", *small_model_overrides(),
            *[o for o in TINY_RUN if not o.startswith(("trainer.accelerator", "trainer.devices",
                                                        "trainer.strategy"))],
-           "trainer.max_steps=3", "final_validate=false", f"hydra.run.dir={run}"]
+           "trainer.max_steps=3", "final_validate=false", f"hydra.run.dir={run}",
+           "trainer.max_time=00:00:30:00"]  # a time budget too: each step the ranks share rank 0's clock
     res = _run(cmd, python_env, timeout=420, cwd=tmp_path)
     assert "[mom.train] step 3" in res.stdout, res.stdout[-3000:]
     assert (run / "model" / "model.safetensors").is_file()
