@@ -9,7 +9,8 @@ score is cached in ``<run>/eval.json`` (``--no-score``: the last periodic valida
 - ``SWEEP_DIR/report.md`` (also printed): one markdown row per arm: seeds, steps, tokens, tokens/s, val bpb on
   the whole split (mean ± sample standard deviation over seeds), val bpb at equal tokens (the periodic
   validation curve at the fewest tokens any run reached), total and active parameters, inference weight bytes
-  (ternary weights at 2 bits), peak resident memory. Arms are ordered as the sweep ran them.
+  (ternary weights at 2 bits), optimizer state (counted from the shapes), peak resident memory of the training
+  process. Arms are ordered as the sweep ran them.
 - ``SWEEP_DIR/report.png`` (matplotlib, Agg): train loss (smoothed line) and validation (points) against steps,
   training wall-clock (``train/time_s``, validation excluded) and tokens; one colour per arm, one line per run.
 """
@@ -139,6 +140,28 @@ def score_run(run: Run, batch_size: int = 16) -> dict | None:
     text = json.dumps(metrics, indent=2)
     atomic_write(cache, lambda f: f.write(text), mode="w")
     return metrics
+
+
+def optimizer_state_mib(run: Run) -> float | None:
+    """The run's optimizer state once every parameter has stepped, counted from its config's shapes
+    (:func:`mom.optim.expected_state_bytes` on the meta device: exact, unlike a process's resident memory)."""
+    f = run.path / ".hydra" / "config.yaml"
+    if not f.is_file():
+        return None
+    try:
+        import torch
+        from omegaconf import OmegaConf
+
+        from mom.config import model_config
+        from mom.model import MoMForCausalLM
+        from mom.optim import expected_state_bytes
+
+        cfg = OmegaConf.load(f)
+        with torch.device("meta"):
+            model = MoMForCausalLM(model_config(cfg.model, cfg.precision))
+        return expected_state_bytes(model, cfg.optimizer) / 2**20
+    except Exception:  # noqa: BLE001 - a config from another version only loses the column
+        return None
 
 
 def final_bpb(run: Run) -> float:
@@ -312,8 +335,8 @@ def table(runs: list[Run], sweep_dir: Path) -> str:
     bpb_head = "val bpb, whole split" if scored else "val bpb, last validation"
     equal_head = f"val bpb @ {equal:,.0f} tokens" if not math.isnan(equal) else "val bpb @ equal tokens"
     lines += [f"| arm | seeds | steps | tokens | tokens/s | {bpb_head} | {equal_head} | params total / active | "
-              "inference weight bytes | peak RSS MiB |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "inference weight bytes | optimizer state MiB | peak RSS MiB |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arm in arms:
         steps = arm.values(lambda r: r.summary.get("step", _last(r, "val/loss", "train/loss")[0]))
         tokens = arm.values(lambda r: r.summary.get("train/tokens", _last(r, "train/tokens")[1]))
@@ -325,6 +348,7 @@ def table(runs: list[Run], sweep_dir: Path) -> str:
             _mean_sd(arm.values(final_bpb)),
             _mean_sd(arm.values(lambda r: bpb_at_tokens(r, equal))) if not math.isnan(equal) else "n/a",
             params, _mean(arm.values(lambda r: r.params.get("inference_weight_bytes"))),
+            _mean(arm.values(optimizer_state_mib), ",.2f"),
             _mean(arm.values(lambda r: r.summary.get("run/peak_rss_mib"))) + " |"]))
     return "\n".join(lines)
 
