@@ -248,7 +248,7 @@ def figure(runs: list[Run], sweep_dir: Path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import EngFormatter, MaxNLocator
 
     _, arms = group_arms(runs)
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5), squeeze=False)
@@ -286,12 +286,14 @@ def figure(runs: list[Run], sweep_dir: Path):
             ax.set_xlabel(xlabel)
             if axis != "time":
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # short sweeps: no fractional steps
+            if axis == "tokens":
+                ax.xaxis.set_major_formatter(EngFormatter(sep=""))  # 200k, 1.5M: labels that do not overlap
             ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
         fig.subplots_adjust(bottom=0.08 + 0.03 * math.ceil(len(labels) / 4), hspace=0.35)
-    fig.suptitle(str(sweep_dir))
+    fig.suptitle(sweep_dir.name)
     return fig
 
 
