@@ -58,13 +58,15 @@ def test_mixture_options_switch_exactly_their_mixtures(compose, mixture):
     """conf/mixture/ sets which mixtures the model keeps and nothing else (widths stay the model's)."""
     base = compose(["model=tiny", *RUN]).model
     m = compose(["model=tiny", f"mixture={mixture}", *RUN]).model
-    moe = mixture in ("moe", "mhmoe", "all")
-    assert (m.num_experts, m.num_experts_per_tok) == ((4, 2) if moe else (1, 1))
-    assert m.mhmoe_enabled == (mixture in ("mhmoe", "all"))
-    assert m.moa_enabled == (mixture in ("moa", "all"))
-    assert m.mod_enabled == (mixture.startswith("mod") or mixture == "all")
-    if m.mod_enabled:
-        assert m.mod_capacity == {"mod_12": 0.125, "mod_25": 0.25, "mod_50": 0.5, "all": 0.5}[mixture]
+    # (MoE, MH-MoE, MoA, MoD capacity or None)
+    want = {"dense": (False, False, False, None), "moe": (True, False, False, None), "mhmoe": (True, True, False, None),
+            "moa": (False, False, True, None), "mod_12": (False, False, False, 0.125),
+            "mod_25": (False, False, False, 0.25), "mod_50": (False, False, False, 0.5), "all": (True, True, True, 0.5),
+            "moe_moa_mod25": (True, False, True, 0.25)}[mixture]
+    assert (m.num_experts, m.num_experts_per_tok) == ((4, 2) if want[0] else (1, 1))
+    assert (m.mhmoe_enabled, m.moa_enabled, m.mod_enabled) == (want[1], want[2], want[3] is not None)
+    if want[3] is not None:
+        assert m.mod_capacity == want[3]
     assert (m.hidden_size, m.intermediate_size, m.num_hidden_layers) == \
         (base.hidden_size, base.intermediate_size, base.num_hidden_layers)
     MoMConfig(**to_plain(m))  # a valid model
