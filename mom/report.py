@@ -105,7 +105,7 @@ class Arm:
 
 
 def _started(run: Run) -> float:
-    """When the run started: its composed config is written first (an arm resumed later keeps its place)."""
+    """When the run was (last) launched: Hydra writes its composed config first, at every launch."""
     for f in (run.path / ".hydra" / "config.yaml", run.path / "metrics.csv"):
         if f.is_file():
             return f.stat().st_mtime
