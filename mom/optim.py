@@ -212,6 +212,17 @@ def expected_state_bytes(model: nn.Module, cfg: Any) -> int:
     return total
 
 
+def config_state_bytes(cfg: Any) -> tuple[int, int]:
+    """(parameters, optimizer-state bytes) of a composed training config's model and optimizer, counted on the
+    meta device (:func:`expected_state_bytes`): nothing is allocated, whatever the model's size."""
+    from mom.config import model_config
+    from mom.model import MoMForCausalLM
+
+    with torch.device("meta"):
+        meta = MoMForCausalLM(model_config(cfg.model, cfg.precision))
+    return sum(p.numel() for p in meta.parameters()), expected_state_bytes(meta, cfg.optimizer)
+
+
 def _main(argv: list[str] | None = None) -> None:
     """``python -m mom.optim [MODEL ...] [key=value ...]``: optimizer-state bytes of adamw vs galore_adamw on
     models of conf/model (default jamba_mini), all high precision: counted from the shapes
@@ -231,10 +242,7 @@ def _main(argv: list[str] | None = None) -> None:
         for opt_name in ("adamw", "galore_adamw"):
             cfg = compose("train", [f"model={model_name}", "precision=bf16", f"optimizer={opt_name}", *overrides,
                                     "paths.run_dir=/tmp/mom-optim"])
-            with torch.device("meta"):
-                meta = MoMForCausalLM(model_config(cfg.model, cfg.precision))
-            n = sum(p.numel() for p in meta.parameters())
-            count = expected_state_bytes(meta, cfg.optimizer)
+            n, count = config_state_bytes(cfg)
             measured = ""
             if n < 50e6:
                 torch.manual_seed(0)

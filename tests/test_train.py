@@ -134,7 +134,7 @@ def test_optimizer_state_bytes_galore_vs_adamw(compose):
     """Optimizer-state bytes after 3 steps on jamba_mini (hidden 256, ~11M parameters), rank 128 and 64."""
     from mom.config import model_config
     from mom.model import MoMForCausalLM
-    from mom.optim import build_optimizer, expected_state_bytes, optimizer_state_bytes
+    from mom.optim import build_optimizer, config_state_bytes, expected_state_bytes, optimizer_state_bytes
 
     base = compose(["model=jamba_mini", "precision=bf16", "paths.run_dir=/tmp/unused"])
     ids = torch.randint(0, base.model.vocab_size, (2, 32))
@@ -155,6 +155,7 @@ def test_optimizer_state_bytes_galore_vs_adamw(compose):
         with torch.device("meta"):  # the count from shapes (how `python -m mom.optim` sizes momv4) agrees
             meta = MoMForCausalLM(model_config(cfg.model, cfg.precision))
         assert expected_state_bytes(meta, cfg.optimizer) == figures[name], name
+        assert config_state_bytes(cfg) == (n_params, figures[name])  # what mom.report's column reads
         print(f"\n[optimizer state] {name:18s} {figures[name] / 2**20:8.2f} MiB "
               f"({figures[name] / n_params:.2f} bytes/param, {n_params:,} params)")
     assert figures["galore_adamw"] < figures["adamw"]
@@ -229,6 +230,8 @@ def test_multirun_then_report(python_env, tmp_path):
         score = json.loads((r / "eval.json").read_text())
         assert score["tokens"] > 1000 and 0 < score["bpb"] < 20
     assert "val bpb, whole split" in res.stdout
+    rows = [line.split("|") for line in res.stdout.splitlines() if line.startswith("| precision=")]
+    assert len(rows) == 2 and all(float(r[10].replace(",", "")) > 0 for r in rows)  # the optimizer state, from each run's config
     print(res.stdout)
 
 
