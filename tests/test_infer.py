@@ -25,7 +25,7 @@ def _bitlinear(fin, fout, bias, seed):
 
 
 @needs_kernels
-@pytest.mark.parametrize("fin,fout", [(8, 5), (64, 96), (130, 70), (256, 33), (384, 200), (1100, 9)])
+@pytest.mark.parametrize("fin,fout", [(8, 5), (48, 37), (64, 96), (130, 70), (256, 33), (384, 200), (1100, 9)])
 def test_ternary_kernel_bit_identical_to_bitlinear(fin, fout):
     for bias in (False, True):
         bl = _bitlinear(fin, fout, bias, seed=fin + fout)

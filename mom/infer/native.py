@@ -153,15 +153,16 @@ class NativeStep:
 
     def __init__(self, program):
         self.program = program
-        self._bound: tuple = (None, [])  # (cache, its state tensors): one list for every step of a cache
+        self._bound = None  # the cache whose tensors the program holds (they are updated in place)
 
-    def _state(self, cache: StaticCache) -> list[torch.Tensor]:
-        if self._bound[0] is not cache:
-            self._bound = (cache, _state(cache))
-        return self._bound[1]
+    def _bind(self, cache: StaticCache) -> None:
+        if self._bound is not cache:
+            self.program.bind(_state(cache))
+            self._bound = cache
 
     def decode(self, tokens: torch.Tensor, cache: StaticCache) -> torch.Tensor:
-        logits = self.program.decode(tokens, cache.length, self._state(cache))
+        self._bind(cache)
+        logits = self.program.decode(tokens, cache.length)
         cache.length += 1
         return logits
 
@@ -178,7 +179,8 @@ class NativeStep:
         last = (pos == T - 1).nonzero().squeeze(1)  # each sequence's last token, in sequence order
         if last.numel() != B:
             raise ValueError("prompts must be left-padded: the attention mask's last column must be all ones")
-        logits = self.program.step(tokens, seq, pos, self._state(cache), last)
+        self._bind(cache)
+        logits = self.program.step(tokens, seq, pos, last)
         cache.length = T
         return logits
 

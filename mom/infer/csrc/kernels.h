@@ -119,91 +119,87 @@ inline QuantRow quantize_row(const float* x, const float* g, int64_t K, float ep
     xq[k] = static_cast<int8_t>(q);
     sum += static_cast<int32_t>(q);
   }
-  // permute whole 128-weight blocks; the tail keeps the natural order
-  int64_t nfull = K / 128;
-  for (int64_t j = 0; j < nfull; ++j)
+  // permute in whole 128-weight blocks; xq is zero from K up to the next multiple of 128 (the caller's
+  // buffer), so a partial last block is permuted like the others and its padding multiplies to nothing
+  const int64_t nblocks = (K + 127) / 128;
+  for (int64_t j = 0; j < nblocks; ++j)
     for (int i = 0; i < 4; ++i)
       for (int b = 0; b < 32; ++b) xp[128 * j + 32 * i + b] = xq[128 * j + 4 * b + i];
   return {r / scale_y, sum};
 }
 
-// sum_k code_k * x_k over one packed row (K4 bytes) for R activation rows at once.
-template <int R>
-inline void code_dots(const uint8_t* w, int64_t K, int64_t K4, const int8_t* const* xp, const int8_t* const* xq,
-                      int32_t* out) {
+// 32 bytes of packed codes at p, the row's last `tail` bytes when tail < 32. Bytes after a row's end multiply
+// zero activations (the padding of xp), so they may be read as they are when they are still inside the
+// weight buffer (`inside`); else they are zeros from a local copy.
+inline __m256i load_codes(const uint8_t* p, int64_t tail, bool inside = false) {
+  if (tail == 32 || inside) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  alignas(32) uint8_t buf[32] = {0};
+  std::memcpy(buf, p, static_cast<size_t>(tail));
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(buf));
+}
+
+// sum over one 128-weight block of code x activation, as int16 lanes: u8 code x s8 activation through
+// maddubs (|lane| <= 4 * 2 * 2 * 128 = 2048, so 8 blocks add up in int16 before widening)
+inline __m256i block_dot(__m256i v, const int8_t* x) {
   const __m256i m3 = _mm256_set1_epi8(3);
+  __m256i p = _mm256_maddubs_epi16(_mm256_and_si256(v, m3), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+  p = _mm256_add_epi16(p, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 2), m3),
+                                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))));
+  p = _mm256_add_epi16(p, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m3),
+                                               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64))));
+  return _mm256_add_epi16(p, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 6), m3),
+                                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 96))));
+}
+
+// Decoding streams each weight once from memory: while a tile of rows is summed, the next tile's bytes are
+// prefetched (the hardware prefetcher alone lets a 4-row tile wait on DRAM at every row start).
+constexpr int64_t kPrefetchRows = 4;
+
+// sum_k code_k * x_k for R packed rows (w, w + K4, ..., w + (R-1) K4) against one activation row xp
+// (permuted, zero-padded to whole blocks): each activation block is loaded once for the R rows.
+// `inside`: the buffer holds at least one more row after these (a tail may read into it).
+template <int R>
+inline void code_dots_rows(const uint8_t* w, int64_t K, int64_t K4, const int8_t* xp, int32_t* out, bool prefetch,
+                           bool inside) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
-  int64_t nfull = K / 128;
-  for (int64_t j = 0; j < nfull; ++j) {
-    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * j));
-    __m256i c0 = _mm256_and_si256(v, m3);
-    __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(v, 2), m3);
-    __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m3);
-    __m256i c3 = _mm256_and_si256(_mm256_srli_epi16(v, 6), m3);
-    for (int r = 0; r < R; ++r) {
-      const int8_t* x = xp[r] + 128 * j;
-      __m256i p = _mm256_maddubs_epi16(c0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
-      p = _mm256_add_epi16(p, _mm256_maddubs_epi16(c1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))));
-      p = _mm256_add_epi16(p, _mm256_maddubs_epi16(c2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64))));
-      p = _mm256_add_epi16(p, _mm256_maddubs_epi16(c3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 96))));
-      acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p, ones));  // |p| <= 4 * 2 * 2 * 128: no overflow
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    int32_t s = hsum8i(acc[r]);
-    for (int64_t b = 32 * nfull; b < K4; ++b) {
-      uint8_t byte = w[b];
-      for (int i = 0; i < 4; ++i) {
-        int64_t k = 4 * b + i;
-        if (k < K) s += static_cast<int32_t>((byte >> (2 * i)) & 3) * xq[r][k];
+  const int64_t nblocks = (K + 127) / 128;
+  for (int64_t j0 = 0; j0 < nblocks; j0 += 8) {
+    const int64_t j1 = std::min<int64_t>(nblocks, j0 + 8);
+    __m256i p16[R];
+    for (int r = 0; r < R; ++r) p16[r] = _mm256_setzero_si256();
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t tail = std::min<int64_t>(32, K4 - 32 * j);
+      for (int r = 0; r < R; ++r) {
+        const uint8_t* wr = w + r * K4 + 32 * j;
+        if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(wr + kPrefetchRows * K4), _MM_HINT_T0);
+        p16[r] = _mm256_add_epi16(p16[r], block_dot(load_codes(wr, tail, inside), xp + 128 * j));
       }
     }
-    out[r] = s;
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p16[r], ones));
   }
+  for (int r = 0; r < R; ++r) out[r] = hsum8i(acc[r]);
 }
 
-// The same for 4 packed rows (w, w + K4, w + 2 K4, w + 3 K4) against one activation row: each activation
-// load serves four weight rows, and the products add up in int16 over 8 blocks before widening (per block
-// |sum| <= 4 * 2 * 2 * 128 = 2048, so 8 blocks stay below 2^15).
-inline void code_dots_4rows(const uint8_t* w, int64_t K, int64_t K4, const int8_t* xp, const int8_t* xq, int32_t* out) {
-  const __m256i m3 = _mm256_set1_epi8(3);
+// one packed row against R activation rows (prefill): each weight load serves R tokens
+template <int R>
+inline void code_dots(const uint8_t* w, int64_t K, int64_t K4, const int8_t* const* xp, int32_t* out) {
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-  const int64_t nfull = K / 128;
-  for (int64_t j0 = 0; j0 < nfull; j0 += 8) {
-    const int64_t j1 = std::min<int64_t>(nfull, j0 + 8);
-    __m256i p16[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+  __m256i acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+  const int64_t nblocks = (K + 127) / 128;
+  for (int64_t j0 = 0; j0 < nblocks; j0 += 8) {
+    const int64_t j1 = std::min<int64_t>(nblocks, j0 + 8);
+    __m256i p16[R];
+    for (int r = 0; r < R; ++r) p16[r] = _mm256_setzero_si256();
     for (int64_t j = j0; j < j1; ++j) {
-      const int8_t* x = xp + 128 * j;
-      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32));
-      const __m256i x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 64));
-      const __m256i x3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 96));
-      for (int r = 0; r < 4; ++r) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * K4 + 32 * j));
-        __m256i p = _mm256_maddubs_epi16(_mm256_and_si256(v, m3), x0);
-        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 2), m3), x1));
-        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 4), m3), x2));
-        p = _mm256_add_epi16(p, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(v, 6), m3), x3));
-        p16[r] = _mm256_add_epi16(p16[r], p);
-      }
+      const __m256i v = load_codes(w + 32 * j, std::min<int64_t>(32, K4 - 32 * j));
+      for (int r = 0; r < R; ++r) p16[r] = _mm256_add_epi16(p16[r], block_dot(v, xp[r] + 128 * j));
     }
-    for (int r = 0; r < 4; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p16[r], ones));
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p16[r], ones));
   }
-  for (int r = 0; r < 4; ++r) {
-    int32_t s = hsum8i(acc[r]);
-    const uint8_t* wr = w + r * K4;
-    for (int64_t b = 32 * nfull; b < K4; ++b) {
-      uint8_t byte = wr[b];
-      for (int i = 0; i < 4; ++i) {
-        int64_t k = 4 * b + i;
-        if (k < K) s += static_cast<int32_t>((byte >> (2 * i)) & 3) * xq[k];
-      }
-    }
-    out[r] = s;
-  }
+  for (int r = 0; r < R; ++r) out[r] = hsum8i(acc[r]);
 }
 
 // ---------------------------------------------------------------------------------------------- fp32 / bf16
@@ -317,10 +313,17 @@ inline void run_tile(const LinearJob& j, int64_t n0, int64_t n1) {
   if (L.kind == Kind::TERNARY) {
     const uint8_t* wd = static_cast<const uint8_t*>(L.w);
     int32_t dots[4];
-    if (n1 - n0 == 4 && M < 4) {  // decoding: four weight rows share each activation load
+    if (M < 4) {  // decoding: four weight rows share each activation load; the next four are prefetched
+      const bool more = n1 < N;  // rows follow this tile in the buffer
       for (int64_t m = 0; m < M; ++m) {
-        code_dots_4rows(wd + n0 * L.K4, K, L.K4, j.xp.data() + m * j.Kp, j.xq.data() + m * j.Kp, dots);
-        for (int r = 0; r < 4; ++r) {
+        const int8_t* xp = j.xp.data() + m * j.Kp;
+        switch (n1 - n0) {
+          case 4: code_dots_rows<4>(wd + n0 * L.K4, K, L.K4, xp, dots, more, more); break;
+          case 3: code_dots_rows<3>(wd + n0 * L.K4, K, L.K4, xp, dots, false, false); break;
+          case 2: code_dots_rows<2>(wd + n0 * L.K4, K, L.K4, xp, dots, false, false); break;
+          default: code_dots_rows<1>(wd + n0 * L.K4, K, L.K4, xp, dots, false, false); break;
+        }
+        for (int64_t r = 0; r < n1 - n0; ++r) {
           float v = static_cast<float>(dots[r] - j.xsum[m]) * j.scale[m];
           if (L.bias) v = v + L.bias[n0 + r];
           j.y[m * N + n0 + r] = v;
@@ -333,16 +336,12 @@ inline void run_tile(const LinearJob& j, int64_t n0, int64_t n1) {
       for (int64_t m = 0; m < M; m += 4) {
         int R = static_cast<int>(std::min<int64_t>(4, M - m));
         const int8_t* xps[4];
-        const int8_t* xqs[4];
-        for (int r = 0; r < R; ++r) {
-          xps[r] = j.xp.data() + (m + r) * j.Kp;
-          xqs[r] = j.xq.data() + (m + r) * j.Kp;
-        }
+        for (int r = 0; r < R; ++r) xps[r] = j.xp.data() + (m + r) * j.Kp;
         switch (R) {
-          case 4: code_dots<4>(w, K, L.K4, xps, xqs, dots); break;
-          case 3: code_dots<3>(w, K, L.K4, xps, xqs, dots); break;
-          case 2: code_dots<2>(w, K, L.K4, xps, xqs, dots); break;
-          default: code_dots<1>(w, K, L.K4, xps, xqs, dots); break;
+          case 4: code_dots<4>(w, K, L.K4, xps, dots); break;
+          case 3: code_dots<3>(w, K, L.K4, xps, dots); break;
+          case 2: code_dots<2>(w, K, L.K4, xps, dots); break;
+          default: code_dots<1>(w, K, L.K4, xps, dots); break;
         }
         for (int r = 0; r < R; ++r) {
           float v = static_cast<float>(dots[r] - j.xsum[m + r]) * j.scale[m + r];
@@ -418,25 +417,6 @@ inline void rms_norm_row(const float* x, const float* w, int64_t K, float eps, f
   for (int64_t k = 0; k < K; ++k) y[k] = w[k] * (x[k] * inv);
 }
 
-inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
-
-// Mamba's causal depthwise conv for one token of one sequence: u (D) against state (D, W-1), shifted in
-// place; out = silu(conv + bias). w: (D, W).
-inline void conv_step_row(const float* u, float* state, const float* w, const float* bias, int64_t D, int64_t W1,
-                          float* out) {
-  for (int64_t d = 0; d < D; ++d) {
-    float* st = state + d * W1;
-    const float* wr = w + d * (W1 + 1);
-    float acc = 0.0f;
-    for (int64_t j = 0; j < W1; ++j) acc += st[j] * wr[j];
-    acc += u[d] * wr[W1];
-    if (bias) acc += bias[d];
-    for (int64_t j = 0; j + 1 < W1; ++j) st[j] = st[j + 1];
-    if (W1 > 0) st[W1 - 1] = u[d];
-    out[d] = silu(acc);
-  }
-}
-
 // exp of 8 floats (Cephes-style: 2^n times a degree-6 polynomial on [-ln2/2, ln2/2], ~1 ulp), written with
 // explicit FMAs (the file is built with -ffp-contract=off)
 inline __m256 exp8(__m256 x) {
@@ -454,6 +434,45 @@ inline __m256 exp8(__m256 x) {
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// out[i] = silu(a[i]) * b[i] (b null: silu alone), 8 at a time; the tail goes through the same 8-lane code,
+// so an element's value does not depend on where it sits in the array (batched rows = one by one)
+inline void silu_mul(const float* a, const float* b, float* out, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  auto silu8 = [&](__m256 v) { return _mm256_div_ps(v, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, v)))); };
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 s = silu8(_mm256_loadu_ps(a + i));
+    if (b) s = _mm256_mul_ps(s, _mm256_loadu_ps(b + i));
+    _mm256_storeu_ps(out + i, s);
+  }
+  if (i == n) return;
+  alignas(32) float ta[8] = {0}, tb[8] = {0};
+  std::memcpy(ta, a + i, (n - i) * sizeof(float));
+  if (b) std::memcpy(tb, b + i, (n - i) * sizeof(float));
+  __m256 s = silu8(_mm256_load_ps(ta));
+  if (b) s = _mm256_mul_ps(s, _mm256_load_ps(tb));
+  _mm256_store_ps(ta, s);
+  std::memcpy(out + i, ta, (n - i) * sizeof(float));
+}
+
+// Mamba's causal depthwise conv for one token of one sequence: u (D) against state (D, W-1), shifted in
+// place; out = silu(conv + bias). w: (D, W).
+inline void conv_step_row(const float* u, float* state, const float* w, const float* bias, int64_t D, int64_t W1,
+                          float* out) {
+  for (int64_t d = 0; d < D; ++d) {
+    float* st = state + d * W1;
+    const float* wr = w + d * (W1 + 1);
+    float acc = 0.0f;
+    for (int64_t j = 0; j < W1; ++j) acc += st[j] * wr[j];
+    acc += u[d] * wr[W1];
+    if (bias) acc += bias[d];
+    for (int64_t j = 0; j + 1 < W1; ++j) st[j] = st[j + 1];
+    if (W1 > 0) st[W1 - 1] = u[d];
+    out[d] = acc;
+  }
+  silu_mul(out, nullptr, out, D);
 }
 
 // Mamba's recurrent update for one token, channels d0..d1 of one sequence: dt = softplus(dt),
@@ -481,8 +500,9 @@ inline void ssm_step_row(float* h, const float* u, const float* dt, const float*
       hd[n] = hd[n] * std::exp(dtv * a[n]) + du * Bv[n];
       acc += hd[n] * Cv[n];
     }
-    y[d] = (acc + Dv[d] * u[d]) * silu(z[d]);
+    y[d] = acc + Dv[d] * u[d];
   }
+  silu_mul(z + d0, y + d0, y + d0, d1 - d0);  // y = (h . C + D u) * silu(z)
 }
 
 // the same over all channels, split over the threads when there are enough

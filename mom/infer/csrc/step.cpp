@@ -78,7 +78,7 @@ struct Program : torch::CustomClassHolder {
   std::vector<Block> blocks;
   at::Tensor embed;
   int64_t final_norm = -1, lm_head = -1, hidden = 0;
-  // the state tensors of the current call, per block: attention (k, v, valid), Mamba (conv, ssm)
+  // the bound cache's state tensors, per block: attention (k, v, valid), Mamba (conv, ssm)
   std::vector<at::Tensor> state;
   std::vector<int64_t> state_at;
   int64_t bytes_read = 0;  // weight bytes the last call streamed (each linear layer once per call to it)
@@ -255,12 +255,15 @@ struct Program : torch::CustomClassHolder {
       calls.push_back({experts[e].up, &xin[gr.start[e] * width], gr.count(e), &u[gr.start[e] * ff]});
     }
     linears(calls);
-    for (int64_t i = 0; i < items * ff; ++i) {
-      float a = g[i];
-      if (act == SILU) a = silu(a);
-      else if (act == GELU) a = 0.5f * a * (1.0f + std::erf(a * static_cast<float>(M_SQRT1_2)));
-      else a = a > 0.f ? a : 0.f;
-      g[i] = a * u[i];
+    if (act == SILU) {
+      silu_mul(g.data(), u.data(), g.data(), items * ff);
+    } else {
+      for (int64_t i = 0; i < items * ff; ++i) {
+        float a = g[i];
+        if (act == GELU) a = 0.5f * a * (1.0f + std::erf(a * static_cast<float>(M_SQRT1_2)));
+        else a = a > 0.f ? a : 0.f;
+        g[i] = a * u[i];
+      }
     }
     calls.clear();
     for (int64_t e = 0; e < E; ++e)
@@ -528,20 +531,27 @@ struct Program : torch::CustomClassHolder {
 
   // ------------------------------------------------------------------------------------------ the step
   // rows (tokens, sequences, positions) through the network; logits of the rows in `out`
-  at::Tensor forward(const int64_t* tk, const Rows& rows, std::vector<at::Tensor> st, const std::vector<int64_t>& out) {
+  // The cache the steps run against (kept until the next bind): its tensors are updated in place, so one
+  // bind serves every step of a generation and no tensor list crosses from Python a token.
+  void bind(std::vector<at::Tensor> st) {
+    std::vector<int64_t> at;
+    int64_t at_ = 0;
+    for (const auto& b : blocks) {
+      at.push_back(at_);
+      at_ += b.attention ? 3 : 2;
+    }
+    TORCH_CHECK(at_ == static_cast<int64_t>(st.size()), "bind: ", st.size(), " state tensors for ", at_);
+    for (const auto& t : st) TORCH_CHECK(t.is_contiguous(), "bind: state tensors must be contiguous");
+    state = std::move(st);
+    state_at = std::move(at);
+  }
+
+  at::Tensor forward(const int64_t* tk, const Rows& rows, const std::vector<int64_t>& out) {
     TORCH_CHECK(embed.defined(), "step: the program has no output layer (set_output)");
+    TORCH_CHECK(!state_at.empty() || blocks.empty(), "step: no cache bound (bind)");
     const int64_t n = rows.n(), d = hidden, V = embed.size(0);
     const int64_t t_start = now_ns();
     bytes_read = 0;
-    state = std::move(st);
-    state_at.clear();
-    int64_t at_ = 0;
-    for (const auto& b : blocks) {
-      state_at.push_back(at_);
-      at_ += b.attention ? 3 : 2;
-    }
-    TORCH_CHECK(at_ == static_cast<int64_t>(state.size()), "step: ", state.size(), " state tensors for ", at_);
-    for (const auto& t : state) TORCH_CHECK(t.is_contiguous(), "step: state tensors must be contiguous");
     Buf x(n * d);
     for (int64_t i = 0; i < n; ++i) {
       TORCH_CHECK(tk[i] >= 0 && tk[i] < V, "step: token id ", tk[i], " outside the vocabulary of ", V);
@@ -554,7 +564,6 @@ struct Program : torch::CustomClassHolder {
     Buf xn = norm(final_norm, last.data(), no, d, d);
     at::Tensor logits = at::empty({no, lins[lm_head].N}, at::kFloat);
     linears({{lm_head, xn.data(), no, logits.data_ptr<float>()}});
-    state.clear();
     spent[0] += now_ns() - t_start;
     return logits;
   }
@@ -565,16 +574,16 @@ struct Program : torch::CustomClassHolder {
   }
 
   // any rows: prefill (a prompt's tokens), or several sequences at different positions
-  at::Tensor step(at::Tensor tokens, at::Tensor seq, at::Tensor pos, std::vector<at::Tensor> st, at::Tensor out_rows) {
+  at::Tensor step(at::Tensor tokens, at::Tensor seq, at::Tensor pos, at::Tensor out_rows) {
     std::vector<int64_t> tk = longs(tokens);
     Rows rows{longs(seq), longs(pos)};
     TORCH_CHECK(rows.n() == static_cast<int64_t>(tk.size()) && rows.pos.size() == tk.size(),
                 "step: tokens, seq and pos differ in length");
-    return forward(tk.data(), rows, std::move(st), longs(out_rows));
+    return forward(tk.data(), rows, longs(out_rows));
   }
 
   // one new token for each of the B sequences, all at position `pos`: logits (B, V)
-  at::Tensor decode(at::Tensor tokens, int64_t pos, std::vector<at::Tensor> st) {
+  at::Tensor decode(at::Tensor tokens, int64_t pos) {
     std::vector<int64_t> tk = longs(tokens);
     const int64_t B = static_cast<int64_t>(tk.size());
     Rows rows;
@@ -582,7 +591,7 @@ struct Program : torch::CustomClassHolder {
       rows.seq.push_back(b);
       rows.pos.push_back(pos);
     }
-    return forward(tk.data(), rows, std::move(st), rows.seq);
+    return forward(tk.data(), rows, rows.seq);
   }
 };
 
@@ -598,6 +607,7 @@ TORCH_LIBRARY_FRAGMENT(mom_infer, m) {
       .def("add_ffn", &Program::add_ffn)
       .def("add_block", &Program::add_block)
       .def("set_output", &Program::set_output)
+      .def("bind", &Program::bind)
       .def("step", &Program::step)
       .def("decode", &Program::decode)
       .def("weight_bytes_read", [](const c10::intrusive_ptr<Program>& self) { return self->bytes_read; })
