@@ -217,13 +217,16 @@ inline float load1(const uint16_t* p) {
 }
 
 // y[m, n0:n0+4] = x[m] . W[n0:n0+4] for every m (4 weight rows streamed once, reused over the rows of x)
+// (with `prefetch`, the next four rows are requested while these are summed: see kPrefetchRows)
 template <typename W>
-inline void dots4(const W* w, int64_t K, const float* x, int64_t M, float* out /* M x 4 */) {
+inline void dots4(const W* w, int64_t K, const float* x, int64_t M, float* out /* M x 4 */, bool prefetch) {
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * K;
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
+      if (prefetch && m == 0 && k % (64 / sizeof(W)) == 0)  // one request per cache line of each next row
+        for (int r = 0; r < 4; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (kPrefetchRows + r) * K + k), _MM_HINT_T0);
       __m256 xv = _mm256_loadu_ps(xm + k);
       a0 = _mm256_fmadd_ps(load8(w + k), xv, a0);
       a1 = _mm256_fmadd_ps(load8(w + K + k), xv, a1);
@@ -356,8 +359,9 @@ inline void run_tile(const LinearJob& j, int64_t n0, int64_t n1) {
     const int64_t mm = std::min<int64_t>(64, M - m0);
     const float* x = j.x + m0 * K;
     if (n1 - n0 == 4) {
-      if (L.kind == Kind::F32) dots4(static_cast<const float*>(L.w) + n0 * K, K, x, mm, buf);
-      else dots4(static_cast<const uint16_t*>(L.w) + n0 * K, K, x, mm, buf);
+      const bool more = n1 < N;
+      if (L.kind == Kind::F32) dots4(static_cast<const float*>(L.w) + n0 * K, K, x, mm, buf, more);
+      else dots4(static_cast<const uint16_t*>(L.w) + n0 * K, K, x, mm, buf, more);
       for (int64_t m = 0; m < mm; ++m)
         for (int r = 0; r < 4; ++r) j.y[(m0 + m) * N + n0 + r] = buf[m * 4 + r] + (L.bias ? L.bias[n0 + r] : 0.0f);
     } else {
