@@ -185,6 +185,24 @@ def test_native_prefill_and_batched_decoding_with_padding(mod, moa, mhmoe):
 
 
 @needs_kernels
+def test_native_greedy_loop_equals_the_python_loop_with_eos_and_padding():
+    """generate's greedy decoding runs in C++ after the first token (Program.greedy); a streamer keeps the
+    Python loop (one Engine.step a token). Same tokens, eos ending sequences at different steps."""
+    model = _native_model(True, True, False, "ternary", packed=True, seed=6)
+    g = torch.Generator().manual_seed(3)
+    ids, mask = left_pad([torch.randint(3, V, (n,), generator=g).tolist() for n in (5, 3, 6)], 0)
+    free = generate(model, ids, 12, attention_mask=mask)
+    eos = int(free[1, ids.shape[1] + 2])  # sequence 1 stops at its third new token, the others maybe later
+    stats: dict = {}
+    fast = generate(model, ids, 12, attention_mask=mask, eos_token_id=eos, stats=stats)
+    slow = generate(model, ids, 12, attention_mask=mask, eos_token_id=eos, streamer=lambda t: None)
+    assert torch.equal(fast, slow) and stats["new_tokens"] == fast.shape[1] - ids.shape[1]
+    assert torch.equal(fast, generate(model, ids, 12, attention_mask=mask, eos_token_id=eos, use_cache=False))
+    assert (fast[1, ids.shape[1] + 3:] == 0).all()  # padding after sequence 1's eos
+    assert torch.equal(free, generate(model, ids, 12, attention_mask=mask, streamer=lambda t: None))
+
+
+@needs_kernels
 def test_native_step_reads_only_the_weights_it_uses():
     model = _native_model(True, True, False, "bf16", packed=False)  # plain MoE: a token reads 2 of 4 experts
     skipped_at = [i for i, m in enumerate(model.model.layers) if m.mod_router is not None and m.is_attention]

@@ -1,6 +1,6 @@
 """``generate`` on the engine: ``Engine.prefill`` fills the static cache with the prompt (native: one C++
 call; otherwise the reference forward copied into the static buffers), then every new token is one
-``Engine.step``.
+``Engine.step`` (greedy decoding on the native step: one C++ call for all the tokens after the first).
 
 Same arguments and results as ``mom.model.generation.generate`` (transformers' names), plus:
 
@@ -76,6 +76,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sam
         n = T
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device) if eos_token_id is not None else None
         nxt = input_ids[:, -1]
+        # greedy, unpenalised and unstreamed on the native step: after the first token the loop runs in C++
+        native_loop = (engine.native is not None and not do_sample and repetition_penalty == 1.0
+                       and streamer is None)
         for step in range(max_new_tokens):
             if step:
                 logits = engine.step(nxt, cache)
@@ -92,6 +95,12 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, *, do_sam
                 done = done | (nxt == eos_token_id)
                 if bool(done.all()):
                     break
+            if native_loop and max_new_tokens > 1:
+                more = engine.native.greedy(nxt, cache, max_new_tokens - 1, eos_token_id, pad_token_id)
+                tokens[:, n:n + more.shape[1]] = more
+                n += more.shape[1]
+                stats["new_tokens"] += more.shape[1]
+                break
         stats["decode_s"] = time.perf_counter() - t1
         return tokens[:, :n].contiguous()
     finally:

@@ -5,6 +5,7 @@ not copied; ``BitLinear`` layers are ternarised and packed to 2 bits here, once)
 ``mom.model``. ``NativeStep(model)`` then runs rows of tokens against a ``StaticCache``:
 
 - ``decode(tokens, cache)``: one new token per sequence (all at ``cache.length``);
+- ``greedy(first, cache, steps, eos, pad)``: greedy decoding with no Python between tokens;
 - ``prefill(input_ids, attention_mask, cache)``: a left-padded prompt batch; padding is never computed (its
   keys are marked invalid, its Mamba state stays zero, which is what the reference's masking amounts to).
 
@@ -165,6 +166,18 @@ class NativeStep:
         logits = self.program.decode(tokens, cache.length)
         cache.length += 1
         return logits
+
+    def greedy(self, first: torch.Tensor, cache: StaticCache, steps: int, eos_token_id: int | None,
+               pad_token_id: int) -> torch.Tensor:
+        """Up to ``steps`` greedy tokens after ``first`` (B,), all in C++ (argmax, eos, padding as in
+        ``mom.infer.generate``'s loop); returns (B, k) and advances the cache by k."""
+        if cache.length + steps > cache.max_len:
+            raise ValueError(f"the static cache is full ({cache.max_len} tokens)")
+        self._bind(cache)
+        out = self.program.greedy(first, cache.length, steps, -1 if eos_token_id is None else eos_token_id,
+                                  pad_token_id)
+        cache.length += out.shape[1]
+        return out
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: StaticCache) -> torch.Tensor:
         """Left-padded prompts (B, T) into a reset cache; returns the logits (B, V) after each prompt."""

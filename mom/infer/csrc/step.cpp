@@ -593,6 +593,45 @@ struct Program : torch::CustomClassHolder {
     }
     return forward(tk.data(), rows, rows.seq);
   }
+
+  // Greedy decoding without Python between tokens: `first` (B,) are the tokens chosen after the prompt (at
+  // position pos), then up to `steps` more, each the argmax of its row's logits (ties to the lower id, as
+  // torch.argmax). With eos >= 0 a sequence that has emitted eos continues with `pad` and the loop ends once
+  // every sequence has: the same tokens as mom.infer.generate's loop. Returns (B, k) tokens, k <= steps.
+  at::Tensor greedy(at::Tensor first, int64_t pos, int64_t steps, int64_t eos, int64_t pad) {
+    std::vector<int64_t> cur = longs(first);
+    const int64_t B = static_cast<int64_t>(cur.size());
+    std::vector<char> done(B, 0);
+    auto all_done = [&] {
+      if (eos < 0) return false;
+      for (int64_t b = 0; b < B; ++b)
+        if (!done[b]) return false;
+      return true;
+    };
+    for (int64_t b = 0; b < B; ++b) done[b] = eos >= 0 && cur[b] == eos;
+    std::vector<int64_t> out;
+    Rows rows;
+    rows.seq.resize(B);
+    std::iota(rows.seq.begin(), rows.seq.end(), 0);
+    int64_t k = 0;
+    for (; k < steps && !all_done(); ++k) {
+      rows.pos.assign(B, pos + k);
+      at::Tensor logits = forward(cur.data(), rows, rows.seq);
+      const int64_t V = logits.size(1);
+      const float* l = logits.data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b) {
+        int64_t best = 0;
+        for (int64_t v = 1; v < V; ++v)
+          if (l[b * V + v] > l[b * V + best]) best = v;
+        cur[b] = done[b] ? pad : best;
+        done[b] = done[b] || (eos >= 0 && cur[b] == eos);
+      }
+      out.insert(out.end(), cur.begin(), cur.end());
+    }
+    at::Tensor res = at::empty({k, B}, at::kLong);
+    std::copy(out.begin(), out.end(), res.data_ptr<int64_t>());
+    return res.t().contiguous();
+  }
 };
 
 }  // namespace
@@ -610,6 +649,7 @@ TORCH_LIBRARY_FRAGMENT(mom_infer, m) {
       .def("bind", &Program::bind)
       .def("step", &Program::step)
       .def("decode", &Program::decode)
+      .def("greedy", &Program::greedy)
       .def("weight_bytes_read", [](const c10::intrusive_ptr<Program>& self) { return self->bytes_read; })
       .def("time_spent", [](const c10::intrusive_ptr<Program>& self) {  // read and reset
         std::vector<int64_t> out = self->spent;
