@@ -440,6 +440,39 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+// natural log of 8 positive normal floats (Cephes logf: the mantissa in [sqrt(1/2), sqrt(2)) and a degree-9
+// polynomial, ~1 ulp)
+inline __m256 log8(__m256 x) {
+  const __m256i bits = _mm256_castps_si256(x);
+  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
+  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x807FFFFF)),
+                                                 _mm256_set1_epi32(0x3F000000)));  // x = m 2^e, m in [0.5, 1)
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+  e = _mm256_sub_ps(e, _mm256_and_ps(small, one));
+  m = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(small, m)), one);  // 2m - 1 or m - 1
+  const __m256 z = _mm256_mul_ps(m, m);
+  __m256 y = _mm256_set1_ps(7.0376836292e-2f);
+  for (float c : {-1.1514610310e-1f, 1.1676998740e-1f, -1.2420140846e-1f, 1.4249322787e-1f, -1.6668057665e-1f,
+                  2.0000714765e-1f, -2.4999993993e-1f, 3.3333331174e-1f})
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(c));
+  y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
+  y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
+  y = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z, y);
+  return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(m, y));
+}
+
+// softplus as torch computes it (threshold 20): x above 20, else log1p(exp(x)); log1p(v) = log(u) v / (u - 1)
+// with u = 1 + v keeps full precision for small v (and is v itself when u rounds to 1)
+inline __m256 softplus8(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 v = exp8(_mm256_min_ps(x, _mm256_set1_ps(20.0f)));
+  const __m256 u = _mm256_add_ps(one, v), um1 = _mm256_sub_ps(u, one);
+  const __m256 exact = _mm256_cmp_ps(um1, _mm256_setzero_ps(), _CMP_EQ_OQ);
+  const __m256 lp = _mm256_blendv_ps(_mm256_div_ps(_mm256_mul_ps(log8(u), v), um1), v, exact);
+  return _mm256_blendv_ps(lp, x, _mm256_cmp_ps(x, _mm256_set1_ps(20.0f), _CMP_GT_OQ));
+}
+
 // out[i] = silu(a[i]) * b[i] (b null: silu alone), 8 at a time; the tail goes through the same 8-lane code,
 // so an element's value does not depend on where it sits in the array (batched rows = one by one)
 inline void silu_mul(const float* a, const float* b, float* out, int64_t n) {
@@ -484,9 +517,15 @@ inline void conv_step_row(const float* u, float* state, const float* w, const fl
 inline void ssm_step_row(float* h, const float* u, const float* dt, const float* A, const float* Bv, const float* Cv,
                          const float* Dv, const float* z, int64_t d0, int64_t d1, int64_t N, float* y) {
   const int64_t N8 = N / 8 * 8;
+  alignas(32) float sp[8];
   for (int64_t d = d0; d < d1; ++d) {
-    float dtv = dt[d];
-    dtv = dtv > 20.0f ? dtv : std::log1p(std::exp(dtv));
+    if ((d - d0) % 8 == 0) {  // softplus(dt) of the next 8 channels (a partial group zero-padded)
+      const int64_t c = std::min<int64_t>(8, d1 - d);
+      std::fill(sp, sp + 8, 0.0f);
+      std::memcpy(sp, dt + d, c * sizeof(float));
+      _mm256_store_ps(sp, softplus8(_mm256_load_ps(sp)));
+    }
+    const float dtv = sp[(d - d0) % 8];
     const float du = dtv * u[d];
     float* hd = h + d * N;
     const float* a = A + d * N;
