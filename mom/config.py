@@ -234,7 +234,7 @@ class GenerateConfig:
     repetition_penalty: float = 1.0
     use_cache: bool = True
     compile: bool = False  # torch.compile the engine's per-layer step (the native one needs none)
-    high_precision: str = "fp32"  # "bf16": plain (non-ternary) linear layers read bf16 weights (mom/infer/engine.py)
+    high_precision: str = "fp32"  # "bf16" / "int8": plain (non-ternary) linear weights read in bf16 / int8 (mom/infer/engine.py)
     seed: int = 1337  # seeds the sampler (do_sample=true): the same seed gives the same text
     batch_size: int = 8  # prompts decoded together
     stop_at_eos: bool = True  # stop a sequence at the tokenizer's end-of-text token

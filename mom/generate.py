@@ -18,7 +18,8 @@ than the model's trained context (``max_position_embeddings``: attention has no 
 never seen longer contexts, so it is an error rather than a silent degradation), a missing run/model folder.
 ``do_sample=true`` draws from a ``torch.Generator`` seeded with ``seed``: same seed, same text.
 Decoding runs on ``mom.infer``'s engine (static cache; with the C++ kernels the whole step is one native
-call); ``high_precision=bf16`` reads the plain linear layers' weights in bf16 (half the bytes);
+call); ``high_precision=bf16`` / ``int8`` reads the plain linear layers' weights in bf16 / int8 with a scale
+a row (half / a quarter of the bytes);
 ``compile=true`` puts the per-layer step under ``torch.compile`` where the native one is not in use, and
 logs the compile time apart from the decode speed (stderr).
 :func:`generate_text` is the whole job as a plain function (tests call it in-process).

@@ -307,6 +307,7 @@ def main() -> None:
         fp32_bytes, packed_bytes = active_weight_bytes(model), active_weight_bytes(packed)
         head = model.lm_head.weight.numel()
         bf16_bytes = packed_bytes - head * 2  # the packed model with its fp32 head read as bf16
+        int8_bytes = packed_bytes - head * 3 + 4 * model.lm_head.out_features  # ... as int8 rows and their scales
 
         # every engine of this size: label -> (run once -> (prefill, decode), bytes/token, baseline label)
         engines: dict = {}
@@ -330,17 +331,19 @@ def main() -> None:
         for v in variants:
             engines[f"MoM ternary packed, {v}"] = (
                 lambda v=v, m=packed: mom_bench(m, prompt, args.new_tokens, VARIANTS[v])[:2], packed_bytes, base2)
-        engines["MoM ternary packed, native step, bf16 head"] = (
-            lambda m=packed: mom_bench(m, prompt, args.new_tokens, dict(high_precision="bf16"))[:2], bf16_bytes,
-            base2)
+        for hp, nbytes in (("bf16", bf16_bytes), ("int8", int8_bytes)):
+            engines[f"MoM ternary packed, native step, {hp} head"] = (
+                lambda m=packed, hp=hp: mom_bench(m, prompt, args.new_tokens, dict(high_precision=hp))[:2], nbytes,
+                base2)
         if not args.skip_llamacpp:  # the same measurement as llama-bench's: forward calls only, no sampling loop
             engines["MoM fp32, native step as llama-bench"] = (
                 lambda m=model: step_bench(m, prompt, args.new_tokens, {}), fp32_bytes, base32)
             engines["MoM ternary packed, native step as llama-bench"] = (
                 lambda m=packed: step_bench(m, prompt, args.new_tokens, {}), packed_bytes, base2)
-            engines["MoM ternary packed, native step as llama-bench, bf16 head"] = (
-                lambda m=packed: step_bench(m, prompt, args.new_tokens, dict(high_precision="bf16")), bf16_bytes,
-                base2)
+            for hp, nbytes in (("bf16", bf16_bytes), ("int8", int8_bytes)):
+                engines[f"MoM ternary packed, native step as llama-bench, {hp} head"] = (
+                    lambda m=packed, hp=hp: step_bench(m, prompt, args.new_tokens, dict(high_precision=hp)), nbytes,
+                    base2)
 
         results: dict = {k: [] for k in engines}
         for _ in range(args.reps):  # rounds: a slow spell of this shared machine hits every engine alike

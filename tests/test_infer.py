@@ -240,6 +240,38 @@ def test_native_step_declines_what_it_cannot_run():
 
 
 @needs_kernels
+def test_int8_high_precision_equals_the_forward_of_its_dequantised_weights():
+    """high_precision="int8": each plain linear layer read as int8 rows with one scale a row; both steps equal
+    the reference forward of a copy whose weights are the dequantised ones (q * scale)."""
+    import copy
+
+    from mom.infer.kernels import quantize_rows_int8
+
+    x, w, b = torch.randn(3, 70), torch.randn(37, 70), torch.randn(37)
+    q, scale = quantize_rows_int8(w)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127 and float((q.float() * scale[:, None] - w).abs().max()) < 0.03
+    torch.testing.assert_close(torch.ops.mom_infer.linear_i8w(x, q, scale, b), F.linear(x, q.float() * scale[:, None], b),
+                               rtol=1e-5, atol=1e-5)
+    model = _native_model(True, True, True, "ternary", packed=True)
+    deq = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in deq.modules():
+            if type(m) is torch.nn.Linear:
+                q, scale = quantize_rows_int8(m.weight)
+                m.weight.copy_(q.float() * scale[:, None])
+    prompt = torch.randint(3, V, (1, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref, fp32 = deq(prompt).logits[0], model(prompt).logits[0]
+    assert not torch.allclose(ref, fp32, rtol=1e-4, atol=1e-4)  # the head really is rounded
+    for native in (None, False):
+        eng = Engine(model, native=native, high_precision="int8")
+        assert (eng.native is not None) == (native is None)
+        cache = eng.get_cache(1, 8)
+        for t in range(prompt.shape[1]):
+            torch.testing.assert_close(eng.step(prompt[:, t], cache)[0], ref[t], rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
 def test_bf16_high_precision_weights_close_to_fp32():
     model = _native_model(True, True, True, "ternary", packed=True)  # the preset keeps lm_head "bf16"
     prompt = torch.randint(3, V, (1, 6), generator=torch.Generator().manual_seed(4))

@@ -18,7 +18,10 @@ read only the chosen experts' weights, and the mixer's K/V land in preallocated 
 
 ``high_precision="bf16"`` keeps the plain (non-ternary) linear layers, the presets' "bf16" components such
 as ``lm_head``, in bf16: half their bytes, and the weight rounding bf16-mixed training computes them with,
-but not the fp32 reference forward (logits differ by ~1e-3). The default "fp32" reads the checkpoint as is.
+but not the fp32 reference forward (logits differ by ~1e-3). ``high_precision="int8"`` reads them as int8 with one
+fp32 scale per output row (a quarter of the bytes; llama.cpp's ternary files keep their head in a 6-bit type):
+weight-only, the activations stay fp32, logits differ from the fp32 forward by ~1e-2. Both need the C++ kernels
+(without them the weights are read as they are). The default "fp32" reads the checkpoint as is.
 """
 
 from __future__ import annotations
@@ -40,12 +43,12 @@ from mom.model.experts import stable_top_k, top_k_routing
 from mom.model.moe import MLP, MultiHeadMoE, SparseMoE
 from mom.model.packed import PackedTernaryLinear, pack_ternary
 
-HIGH_PRECISION = ("fp32", "bf16")
+HIGH_PRECISION = ("fp32", "bf16", "int8")
 _MIN_K = 8  # below 8 inputs torch's norm takes another summation order than the kernel reproduces
 
 
-def _fast_linear(module: nn.Module, use_kernels: bool, bf16: bool = False):
-    """A callable (M, in) -> (M, out) for one linear layer."""
+def _fast_linear(module: nn.Module, use_kernels: bool, high_precision: str = "fp32"):
+    """A callable (M, in) -> (M, out) for one linear layer (plain fp32 weights read as ``high_precision``)."""
     if not use_kernels:
         return module
     ops = torch.ops.mom_infer
@@ -64,8 +67,11 @@ def _fast_linear(module: nn.Module, use_kernels: bool, bf16: bool = False):
         bias = module.bias.detach() if module.bias is not None else None
     elif type(module) is nn.Linear:
         w = module.weight.detach()
-        w = w.to(torch.bfloat16) if bf16 and w.dtype == torch.float32 else w
         b = module.bias.detach() if module.bias is not None else None
+        if high_precision == "int8" and w.dtype == torch.float32:
+            q, scale = kernels.quantize_rows_int8(w)
+            return lambda x: ops.linear_i8w(x, q, scale, b)
+        w = w.to(torch.bfloat16) if high_precision == "bf16" and w.dtype == torch.float32 else w
         if w.dtype == torch.float32:
             return lambda x: ops.linear_f32(x, w, b)
         if w.dtype == torch.bfloat16 and (b is None or b.dtype == torch.float32):
@@ -93,7 +99,7 @@ class Engine:
             raise ValueError(f"high_precision must be one of {HIGH_PRECISION}, got {high_precision!r}")
         self.use_kernels = use_kernels
         self.high_precision = high_precision
-        bf16 = high_precision == "bf16" and use_kernels
+        plain = high_precision if use_kernels else "fp32"  # how plain fp32 weights are read
         self.dtype = dtype
         self.native: NativeStep | None = None
         self.native_why = "the C++ kernels are not in use"
@@ -108,8 +114,8 @@ class Engine:
         self._f32: dict[int, torch.Tensor] = {}  # plain fp32 weights without bias: can share one kernel call
         for module in model.modules() if self.native is None else ():
             if isinstance(module, (nn.Linear, PackedTernaryLinear)):
-                self._lin[id(module)] = _fast_linear(module, use_kernels, bf16)
-                if (use_kernels and not bf16 and type(module) is nn.Linear and module.bias is None
+                self._lin[id(module)] = _fast_linear(module, use_kernels, plain)
+                if (use_kernels and plain == "fp32" and type(module) is nn.Linear and module.bias is None
                         and module.weight.dtype == torch.float32 and module.weight.is_contiguous()):
                     self._f32[id(module)] = module.weight.detach()
         self.cache: StaticCache | None = None

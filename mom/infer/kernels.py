@@ -6,7 +6,8 @@ floor; the compiler uses what the CPU has), and registers the ops ``torch.ops.mo
 
 - ``ternary_linear(x, packed, norm_weight, eps, gamma, bias)``: BitLinear's inference forward read from
   2-bit weights (RMSNorm and int8 quantisation fused in), bit-identical to ``BitLinear``;
-- ``linear_f32(x, w, bias)`` / ``linear_bf16w(x, w, bias)`` / ``linear_multi_f32(x, [w...])``: few-row
+- ``linear_f32(x, w, bias)`` / ``linear_bf16w(x, w, bias)`` / ``linear_i8w(x, q, scale, bias)`` (int8 weights, one
+  scale a row) / ``linear_multi_f32(x, [w...])``: few-row
   matrix products at memory bandwidth (torch's GEMV reaches about half of it at batch 1 on the machines
   measured); the last one serves several weights sharing an input (q/k/v, gate/up) in one parallel pass;
 - ``rms_norm``, ``mamba_conv_step``, ``mamba_ssm_step``: the decode step's small ops fused (one call instead
@@ -103,6 +104,15 @@ def reset() -> None:
     _STATE.update(tried=False, ok=False, why="")
 
 
+def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale): int8 weights and one fp32 scale per output row, w ~ q * scale[:, None] (absmax: the largest
+    weight of a row maps to 127). The format of ``linear_i8w`` and the engine's ``high_precision="int8"``."""
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
 _FAKES_DONE = False
 
 
@@ -121,6 +131,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("mom_infer::linear_bf16w")
     def _(x, weight, bias):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    @torch.library.register_fake("mom_infer::linear_i8w")
+    def _(x, weight, scale, bias):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
     @torch.library.register_fake("mom_infer::linear_multi_f32")
@@ -142,4 +156,4 @@ def _register_fakes() -> None:
     _FAKES_DONE = True
 
 
-__all__ = ["available", "why_unavailable", "cache_dir", "reset"]
+__all__ = ["available", "why_unavailable", "cache_dir", "reset", "quantize_rows_int8"]

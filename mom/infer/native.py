@@ -19,13 +19,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mom.infer import kernels
 from mom.infer.cache import StaticAttention, StaticCache
 from mom.model.attention import MixtureOfAttention
 from mom.model.bitlinear import BitLinear
 from mom.model.moe import ACTIVATIONS, MLP, MultiHeadMoE, SparseMoE
 from mom.model.packed import PackedTernaryLinear, pack_ternary
 
-_F32, _BF16, _TERNARY = 0, 1, 2
+_F32, _BF16, _TERNARY, _INT8 = 0, 1, 2, 3
 _ACTS = {"silu": 0, "gelu": 1, "relu": 2}  # mom.model.moe.ACTIVATIONS names -> csrc/step.cpp's Act
 
 
@@ -36,7 +37,7 @@ class Unsupported(Exception):
 class _Builder:
     def __init__(self, program, high_precision: str):
         self.p = program
-        self.bf16 = high_precision == "bf16"
+        self.high_precision = high_precision
         self.ids: dict[int, int] = {}
 
     def linear(self, m: nn.Module) -> int:
@@ -60,12 +61,17 @@ class _Builder:
                 i = self.p.add_linear(_TERNARY, m.in_features, packed, bias, gain, m.norm.eps, gamma)
             elif type(m) is nn.Linear:
                 w = m.weight.detach()
-                if self.bf16 and w.dtype == torch.float32:
+                bias = m.bias.detach().float() if m.bias is not None else None
+                if self.high_precision == "int8" and w.dtype == torch.float32:
+                    q, scale = kernels.quantize_rows_int8(w)
+                    i = self.p.add_linear(_INT8, m.in_features, q, bias, scale, 0.0, 1.0)
+                    self.ids[id(m)] = i
+                    return i
+                if self.high_precision == "bf16" and w.dtype == torch.float32:
                     w = w.to(torch.bfloat16)
                 kind = {torch.float32: _F32, torch.bfloat16: _BF16}.get(w.dtype)
                 if kind is None:
                     raise Unsupported(f"linear weights in {w.dtype}")
-                bias = m.bias.detach().float() if m.bias is not None else None
                 i = self.p.add_linear(kind, m.in_features, w, bias, None, 0.0, 1.0)
             else:
                 raise Unsupported(f"layer type {type(m).__name__}")
@@ -124,7 +130,8 @@ def _act_name(mlp: MLP) -> str:
 
 def build_program(model, high_precision: str = "fp32"):
     """The C++ ``Program`` for ``model`` (fp32 on CPU, kernels built), or a string saying why not.
-    ``high_precision="bf16"`` keeps the plain (non-ternary) linear weights in bf16 (see ``Engine``)."""
+    ``high_precision="bf16"`` / ``"int8"`` keeps the plain (non-ternary) linear weights in bf16 / int8 with a
+    scale per row (see ``Engine``)."""
     emb = model.model.embed_tokens.weight
     if emb.dtype != torch.float32 or emb.device.type != "cpu":
         return f"the native step runs fp32 models on CPU ({emb.dtype} on {emb.device.type} here)"

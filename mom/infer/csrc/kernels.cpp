@@ -77,6 +77,20 @@ at::Tensor linear_bf16w(const at::Tensor& x, const at::Tensor& w, const std::opt
   return dense_linear(x, w, bias, Kind::BF16, "linear_bf16w");
 }
 
+// y = (x q^T) * scale (+ b): int8 weights with one fp32 scale per output row (weight-only quantisation)
+at::Tensor linear_i8w(const at::Tensor& x, const at::Tensor& q_, const at::Tensor& scale_,
+                      const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && q_.scalar_type() == at::kChar && scale_.scalar_type() == at::kFloat,
+              "linear_i8w: fp32 input, int8 weight, fp32 scales");
+  at::Tensor q = q_.contiguous(), scale = scale_.contiguous();
+  TORCH_CHECK(q.dim() == 2 && q.size(1) == x.size(-1) && scale.numel() == q.size(0),
+              "linear_i8w: weight (N, K) with N scales for an input of K");
+  std::optional<at::Tensor> b = bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+  LinearWeights L = dense_weights(q, b, Kind::INT8);
+  L.gain = scale.data_ptr<float>();
+  return run_one(x, L);
+}
+
 // y = x W^T for several weights sharing the input (q/k/v, gate/up): one pass over the threads, no copies
 std::vector<at::Tensor> linear_multi_f32(const at::Tensor& x_, at::TensorList ws) {
   at::Tensor x = x_.contiguous();
@@ -151,12 +165,14 @@ TORCH_LIBRARY_FRAGMENT(mom_infer, m) {
   m.def("ternary_linear(Tensor x, Tensor packed, Tensor norm_weight, float eps, Tensor gamma, Tensor? bias) -> Tensor");
   m.def("linear_f32(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("linear_bf16w(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("linear_i8w(Tensor x, Tensor weight, Tensor scale, Tensor? bias) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mom_infer, CPU, m) {
   m.impl("ternary_linear", &ternary_linear);
   m.impl("linear_f32", &linear_f32);
   m.impl("linear_bf16w", &linear_bf16w);
+  m.impl("linear_i8w", &linear_i8w);
   m.impl("linear_multi_f32", &linear_multi_f32);
   m.impl("rms_norm", &rms_norm);
   m.impl("mamba_conv_step", &mamba_conv_step);

@@ -10,8 +10,9 @@
 //   the code w+1. A 32-byte load holds 128 weights; the activations are permuted once per token to match
 //   (xp[128j + 32i + b] = x[128j + 4b + i]), so the codes are used as they are stored: u8 code x s8
 //   activation through maddubs, and sum(w x) = sum(code x) - sum(x).
-// Dense (fp32 or bf16 weights): y = x W^T (+ b) for few rows (decoding), fp32 FMA accumulation, 4 weight rows
-//   at a time streamed once; output rows split over the threads. Built for memory bandwidth at batch 1.
+// Dense (fp32, bf16 or int8-per-row weights): y = x W^T (+ b) for few rows (decoding), fp32 FMA accumulation,
+//   4 weight rows at a time streamed once; output rows split over the threads. Built for memory bandwidth at
+//   batch 1. int8 rows are w = q * scale[row] (weight-only: the activations stay fp32).
 //
 // Compiled with -ffp-contract=off: no multiply-add is fused unless written so (the quantiser must match
 // torch's rounding exactly).
@@ -208,7 +209,11 @@ inline __m256 load8(const uint16_t* p) {  // bf16 -> fp32: the bits shifted up
   __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
 }
+inline __m256 load8(const int8_t* p) {  // int8 -> fp32 (the row's scale is applied to the sum)
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
 inline float load1(const float* p) { return *p; }
+inline float load1(const int8_t* p) { return static_cast<float>(*p); }
 inline float load1(const uint16_t* p) {
   uint32_t b = static_cast<uint32_t>(*p) << 16;
   float f;
@@ -260,14 +265,14 @@ inline void dots1(const W* w, int64_t K, const float* x, int64_t M, float* out /
 // ---------------------------------------------------------------------------------------------- linear jobs
 // One linear layer applied to M rows: the unit of work the runner below schedules. Several jobs (q/k/v,
 // gate/up, every expert of a token) share one parallel region: one fork/join instead of one each.
-enum class Kind : int { F32 = 0, BF16 = 1, TERNARY = 2 };
+enum class Kind : int { F32 = 0, BF16 = 1, TERNARY = 2, INT8 = 3 };
 
 struct LinearWeights {
   Kind kind = Kind::F32;
   int64_t N = 0, K = 0, K4 = 0;
-  const void* w = nullptr;        // fp32 / bf16 (N, K) or packed uint8 (N, K4)
+  const void* w = nullptr;        // fp32 / bf16 / int8 (N, K) or packed uint8 (N, K4)
   const float* bias = nullptr;    // (N) or null
-  const float* gain = nullptr;    // ternary: the input RMSNorm gain (K)
+  const float* gain = nullptr;    // ternary: the input RMSNorm gain (K); int8: the rows' scales (N)
   float eps = 0.f, gamma = 1.f;   // ternary: its eps, the weight scale
 };
 
@@ -308,11 +313,36 @@ inline void prepare(LinearJob& j) {
   }
 }
 
+// output rows n0 .. n1 (n1 - n0 <= 4) of one dense job; int8 sums are scaled by their row's scale
+template <typename W>
+inline void dense_tile(const LinearWeights& L, const W* wd, const LinearJob& j, int64_t n0, int64_t n1) {
+  const int64_t N = L.N, K = L.K, M = j.M;
+  const float* rs = L.kind == Kind::INT8 ? L.gain : nullptr;
+  auto out = [&](int64_t m, int64_t n, float v) {
+    if (rs) v = v * rs[n];
+    j.y[m * N + n] = L.bias ? v + L.bias[n] : v;
+  };
+  float buf[4 * 64];
+  for (int64_t m0 = 0; m0 < M; m0 += 64) {  // 64 rows of x at a time against these weight rows
+    const int64_t mm = std::min<int64_t>(64, M - m0);
+    const float* x = j.x + m0 * K;
+    if (n1 - n0 == 4) {
+      dots4(wd + n0 * K, K, x, mm, buf, n1 < N);
+      for (int64_t m = 0; m < mm; ++m)
+        for (int r = 0; r < 4; ++r) out(m0 + m, n0 + r, buf[m * 4 + r]);
+    } else {
+      for (int64_t n = n0; n < n1; ++n) {
+        dots1(wd + n * K, K, x, mm, buf);
+        for (int64_t m = 0; m < mm; ++m) out(m0 + m, n, buf[m]);
+      }
+    }
+  }
+}
+
 // output rows n0 .. n1 (n1 - n0 <= 4) of one job
 inline void run_tile(const LinearJob& j, int64_t n0, int64_t n1) {
   const LinearWeights& L = *j.L;
   const int64_t N = L.N, K = L.K, M = j.M;
-  float buf[4 * 64];
   if (L.kind == Kind::TERNARY) {
     const uint8_t* wd = static_cast<const uint8_t*>(L.w);
     int32_t dots[4];
@@ -355,27 +385,16 @@ inline void run_tile(const LinearJob& j, int64_t n0, int64_t n1) {
     }
     return;
   }
-  for (int64_t m0 = 0; m0 < M; m0 += 64) {  // 64 rows of x at a time against these weight rows
-    const int64_t mm = std::min<int64_t>(64, M - m0);
-    const float* x = j.x + m0 * K;
-    if (n1 - n0 == 4) {
-      const bool more = n1 < N;
-      if (L.kind == Kind::F32) dots4(static_cast<const float*>(L.w) + n0 * K, K, x, mm, buf, more);
-      else dots4(static_cast<const uint16_t*>(L.w) + n0 * K, K, x, mm, buf, more);
-      for (int64_t m = 0; m < mm; ++m)
-        for (int r = 0; r < 4; ++r) j.y[(m0 + m) * N + n0 + r] = buf[m * 4 + r] + (L.bias ? L.bias[n0 + r] : 0.0f);
-    } else {
-      for (int64_t n = n0; n < n1; ++n) {
-        if (L.kind == Kind::F32) dots1(static_cast<const float*>(L.w) + n * K, K, x, mm, buf);
-        else dots1(static_cast<const uint16_t*>(L.w) + n * K, K, x, mm, buf);
-        for (int64_t m = 0; m < mm; ++m) j.y[(m0 + m) * N + n] = buf[m] + (L.bias ? L.bias[n] : 0.0f);
-      }
-    }
+  switch (L.kind) {
+    case Kind::F32: dense_tile(L, static_cast<const float*>(L.w), j, n0, n1); break;
+    case Kind::BF16: dense_tile(L, static_cast<const uint16_t*>(L.w), j, n0, n1); break;
+    default: dense_tile(L, static_cast<const int8_t*>(L.w), j, n0, n1); break;
   }
 }
 
 inline int64_t weight_bytes(const LinearWeights& L) {
-  return L.kind == Kind::TERNARY ? L.N * L.K4 : L.N * L.K * (L.kind == Kind::F32 ? 4 : 2);
+  if (L.kind == Kind::TERNARY) return L.N * L.K4;
+  return L.N * L.K * (L.kind == Kind::F32 ? 4 : L.kind == Kind::BF16 ? 2 : 1) + (L.kind == Kind::INT8 ? 4 * L.N : 0);
 }
 
 // Run every job. Tiles of 4 output rows of all jobs form one range that the threads take in chunks from a

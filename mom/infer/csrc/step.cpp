@@ -108,6 +108,13 @@ struct Program : torch::CustomClassHolder {
       L.gain = g.data_ptr<float>();
       L.eps = static_cast<float>(eps);
       L.gamma = static_cast<float>(gamma);
+    } else if (L.kind == Kind::INT8) {
+      TORCH_CHECK(weight.scalar_type() == at::kChar && weight.size(1) == in_features, "int8 weight shape");
+      TORCH_CHECK(gain.has_value() && gain->scalar_type() == at::kFloat && gain->numel() == L.N,
+                  "int8 layer needs one fp32 scale per output row");
+      at::Tensor sc = gain->contiguous();
+      k.push_back(sc);
+      L.gain = sc.data_ptr<float>();
     } else {
       TORCH_CHECK(weight.size(1) == in_features, "weight shape");
       TORCH_CHECK(weight.scalar_type() == (L.kind == Kind::F32 ? at::kFloat : at::kBFloat16), "weight dtype");
