@@ -230,8 +230,10 @@ def mom_bench(model, prompt: torch.Tensor, new: int, variant: dict) -> tuple[flo
 
 def step_bench(model, prompt: torch.Tensor, new: int, variant: dict) -> tuple[float, float]:
     """(prefill tok/s, decode tok/s) measured as llama-bench measures: prompt processing into an empty cache,
-    and ``new`` single-token decode calls from an empty cache with random tokens and no sampling (its
-    ``test_gen``), after one warm-up pass of each."""
+    and ``new`` single-token decode calls from an empty cache with random tokens and no sampling, in one native
+    loop (``NativeStep.decode_tokens``; llama-bench's ``test_gen`` is a C++ loop of ``llama_decode`` calls fed
+    ``rand() % n_vocab``), after one warm-up pass of each. Random tokens route like llama-bench's; greedy
+    decoding of a random model repeats tokens, so it reuses the same experts' weights more often."""
     from mom.infer.engine import Engine
 
     eng = Engine(model, native=variant.get("native"), high_precision=variant.get("high_precision", "fp32"))
@@ -246,8 +248,7 @@ def step_bench(model, prompt: torch.Tensor, new: int, variant: dict) -> tuple[fl
         eng.prefill(prompt, None, cache)
         t1 = time.perf_counter()
         cache.reset()
-        for i in range(new):
-            eng.step(tokens[i], cache)
+        eng.native.decode_tokens(tokens, cache)
         times = [t1 - t0, time.perf_counter() - t1]
     return prompt.shape[1] / times[0], new / times[1]
 

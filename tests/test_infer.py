@@ -203,6 +203,24 @@ def test_native_greedy_loop_equals_the_python_loop_with_eos_and_padding():
 
 
 @needs_kernels
+def test_native_decode_tokens_equals_one_step_a_token():
+    model = _native_model(True, False, True, "ternary", packed=True, seed=7)
+    eng = Engine(model)
+    prompt = torch.randint(3, V, (2, 4), generator=torch.Generator().manual_seed(8))
+    feed = torch.randint(3, V, (5, 2), generator=torch.Generator().manual_seed(9))
+    cache = eng.get_cache(2, 12)
+    eng.prefill(prompt, None, cache)
+    for t in feed:
+        want = eng.step(t, cache)
+    assert cache.length == 9
+    eng.prefill(prompt, None, cache)
+    got = eng.native.decode_tokens(feed, cache)
+    assert cache.length == 9 and torch.equal(got, want)
+    with pytest.raises(ValueError, match="full"):
+        eng.native.decode_tokens(feed, cache)
+
+
+@needs_kernels
 def test_native_step_reads_only_the_weights_it_uses():
     model = _native_model(True, True, False, "bf16", packed=False)  # plain MoE: a token reads 2 of 4 experts
     skipped_at = [i for i, m in enumerate(model.model.layers) if m.mod_router is not None and m.is_attention]

@@ -6,6 +6,7 @@ not copied; ``BitLinear`` layers are ternarised and packed to 2 bits here, once)
 
 - ``decode(tokens, cache)``: one new token per sequence (all at ``cache.length``);
 - ``greedy(first, cache, steps, eos, pad)``: greedy decoding with no Python between tokens;
+- ``decode_tokens(tokens, cache)``: known tokens (n, B), one decode call each, in one native loop;
 - ``prefill(input_ids, attention_mask, cache)``: a left-padded prompt batch; padding is never computed (its
   keys are marked invalid, its Mamba state stays zero, which is what the reference's masking amounts to).
 
@@ -172,6 +173,15 @@ class NativeStep:
         self._bind(cache)
         logits = self.program.decode(tokens, cache.length)
         cache.length += 1
+        return logits
+
+    def decode_tokens(self, tokens: torch.Tensor, cache: StaticCache) -> torch.Tensor:
+        """Known tokens (n, B) through n decode calls in one native loop; the logits (B, V) after the last."""
+        if cache.length + tokens.shape[0] > cache.max_len:
+            raise ValueError(f"the static cache is full ({cache.max_len} tokens)")
+        self._bind(cache)
+        logits = self.program.decode_tokens(tokens, cache.length)
+        cache.length += tokens.shape[0]
         return logits
 
     def greedy(self, first: torch.Tensor, cache: StaticCache, steps: int, eos_token_id: int | None,

@@ -601,6 +601,24 @@ struct Program : torch::CustomClassHolder {
     return forward(tk.data(), rows, rows.seq);
   }
 
+  // Given tokens (n, B) fed one decode call each from position pos (teacher forcing: token i of every
+  // sequence at pos + i) in one native loop; returns the logits (B, V) after the last. What llama-bench's
+  // test_gen times, and a way to stream known tokens through the state without a Python call each.
+  at::Tensor decode_tokens(at::Tensor tokens, int64_t pos) {
+    TORCH_CHECK(tokens.dim() == 2 && tokens.size(0) > 0, "decode_tokens: tokens (n, B), n > 0");
+    std::vector<int64_t> tk = longs(tokens);
+    const int64_t n = tokens.size(0), B = tokens.size(1);
+    Rows rows;
+    rows.seq.resize(B);
+    std::iota(rows.seq.begin(), rows.seq.end(), 0);
+    at::Tensor logits;
+    for (int64_t i = 0; i < n; ++i) {
+      rows.pos.assign(B, pos + i);
+      logits = forward(tk.data() + i * B, rows, rows.seq);
+    }
+    return logits;
+  }
+
   // Greedy decoding without Python between tokens: `first` (B,) are the tokens chosen after the prompt (at
   // position pos), then up to `steps` more, each the argmax of its row's logits (ties to the lower id, as
   // torch.argmax). With eos >= 0 a sequence that has emitted eos continues with `pad` and the loop ends once
@@ -657,6 +675,7 @@ TORCH_LIBRARY_FRAGMENT(mom_infer, m) {
       .def("step", &Program::step)
       .def("decode", &Program::decode)
       .def("greedy", &Program::greedy)
+      .def("decode_tokens", &Program::decode_tokens)
       .def("weight_bytes_read", [](const c10::intrusive_ptr<Program>& self) { return self->bytes_read; })
       .def("time_spent", [](const c10::intrusive_ptr<Program>& self) {  // read and reset
         std::vector<int64_t> out = self->spent;
