@@ -136,7 +136,7 @@ def test_generate_and_eval_bad_inputs(trained_run, tmp_path):
         (generate_text, {"run_dir": str(trained_run), "prompt": "To be or not to be, " * 400}, GenerationError,
          f"more than the model's trained context (max_position_embeddings={ctx})"),
         (generate_text, {"run_dir": str(trained_run), "prompt": "Hi", "high_precision": "fp16"}, GenerationError,
-         "high_precision must be one of ['fp32', 'bf16'], got 'fp16'"),
+         "high_precision must be one of ['fp32', 'bf16', 'int8'], got 'fp16'"),
     ]
     # a tokenizer whose vocabulary differs from the model's
     other_tok = _model_copy(trained_run, tmp_path / "t")
