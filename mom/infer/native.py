@@ -61,19 +61,16 @@ class _Builder:
                 bias = m.bias.detach() if m.bias is not None else None
                 i = self.p.add_linear(_TERNARY, m.in_features, packed, bias, gain, m.norm.eps, gamma)
             elif type(m) is nn.Linear:
-                w = m.weight.detach()
+                w, scale = m.weight.detach(), None
                 bias = m.bias.detach().float() if m.bias is not None else None
                 if self.high_precision == "int8" and w.dtype == torch.float32:
-                    q, scale = kernels.quantize_rows_int8(w)
-                    i = self.p.add_linear(_INT8, m.in_features, q, bias, scale, 0.0, 1.0)
-                    self.ids[id(m)] = i
-                    return i
-                if self.high_precision == "bf16" and w.dtype == torch.float32:
+                    w, scale = kernels.quantize_rows_int8(w)  # one fp32 scale per row, passed as the "gain"
+                elif self.high_precision == "bf16" and w.dtype == torch.float32:
                     w = w.to(torch.bfloat16)
-                kind = {torch.float32: _F32, torch.bfloat16: _BF16}.get(w.dtype)
+                kind = {torch.float32: _F32, torch.bfloat16: _BF16, torch.int8: _INT8}.get(w.dtype)
                 if kind is None:
                     raise Unsupported(f"linear weights in {w.dtype}")
-                i = self.p.add_linear(kind, m.in_features, w, bias, None, 0.0, 1.0)
+                i = self.p.add_linear(kind, m.in_features, w, bias, scale, 0.0, 1.0)
             else:
                 raise Unsupported(f"layer type {type(m).__name__}")
         self.ids[id(m)] = i
