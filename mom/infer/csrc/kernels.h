@@ -156,51 +156,45 @@ inline __m256i block_dot(__m256i v, const int8_t* x) {
 // prefetched (the hardware prefetcher alone lets a 4-row tile wait on DRAM at every row start).
 constexpr int64_t kPrefetchRows = 4;
 
+// Exact int32 sums of R dot products over nblocks 128-weight blocks: add_block(j, p16) adds block j's int16
+// lanes (block_dot) into p16[0..R); 8 blocks add up in int16 (|lane| <= 8 * 2048 < 2^15), then widen.
+template <int R, typename AddBlock>
+inline void sum_blocks(int64_t nblocks, const AddBlock& add_block, int32_t* out) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
+  for (int64_t j0 = 0; j0 < nblocks; j0 += 8) {
+    __m256i p16[R];
+    for (int r = 0; r < R; ++r) p16[r] = _mm256_setzero_si256();
+    for (int64_t j = j0; j < std::min<int64_t>(nblocks, j0 + 8); ++j) add_block(j, p16);
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p16[r], ones));
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum8i(acc[r]);
+}
+
 // sum_k code_k * x_k for R packed rows (w, w + K4, ..., w + (R-1) K4) against one activation row xp
 // (permuted, zero-padded to whole blocks): each activation block is loaded once for the R rows.
 // `inside`: the buffer holds at least one more row after these (a tail may read into it).
 template <int R>
 inline void code_dots_rows(const uint8_t* w, int64_t K, int64_t K4, const int8_t* xp, int32_t* out, bool prefetch,
                            bool inside) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
-  const int64_t nblocks = (K + 127) / 128;
-  for (int64_t j0 = 0; j0 < nblocks; j0 += 8) {
-    const int64_t j1 = std::min<int64_t>(nblocks, j0 + 8);
-    __m256i p16[R];
-    for (int r = 0; r < R; ++r) p16[r] = _mm256_setzero_si256();
-    for (int64_t j = j0; j < j1; ++j) {
-      const int64_t tail = std::min<int64_t>(32, K4 - 32 * j);
-      for (int r = 0; r < R; ++r) {
-        const uint8_t* wr = w + r * K4 + 32 * j;
-        if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(wr + kPrefetchRows * K4), _MM_HINT_T0);
-        p16[r] = _mm256_add_epi16(p16[r], block_dot(load_codes(wr, tail, inside), xp + 128 * j));
-      }
+  sum_blocks<R>((K + 127) / 128, [&](int64_t j, __m256i* p16) {
+    const int64_t tail = std::min<int64_t>(32, K4 - 32 * j);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* wr = w + r * K4 + 32 * j;
+      if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(wr + kPrefetchRows * K4), _MM_HINT_T0);
+      p16[r] = _mm256_add_epi16(p16[r], block_dot(load_codes(wr, tail, inside), xp + 128 * j));
     }
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p16[r], ones));
-  }
-  for (int r = 0; r < R; ++r) out[r] = hsum8i(acc[r]);
+  }, out);
 }
 
 // one packed row against R activation rows (prefill): each weight load serves R tokens
 template <int R>
 inline void code_dots(const uint8_t* w, int64_t K, int64_t K4, const int8_t* const* xp, int32_t* out) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_si256();
-  const int64_t nblocks = (K + 127) / 128;
-  for (int64_t j0 = 0; j0 < nblocks; j0 += 8) {
-    const int64_t j1 = std::min<int64_t>(nblocks, j0 + 8);
-    __m256i p16[R];
-    for (int r = 0; r < R; ++r) p16[r] = _mm256_setzero_si256();
-    for (int64_t j = j0; j < j1; ++j) {
-      const __m256i v = load_codes(w + 32 * j, std::min<int64_t>(32, K4 - 32 * j));
-      for (int r = 0; r < R; ++r) p16[r] = _mm256_add_epi16(p16[r], block_dot(v, xp[r] + 128 * j));
-    }
-    for (int r = 0; r < R; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(p16[r], ones));
-  }
-  for (int r = 0; r < R; ++r) out[r] = hsum8i(acc[r]);
+  sum_blocks<R>((K + 127) / 128, [&](int64_t j, __m256i* p16) {
+    const __m256i v = load_codes(w + 32 * j, std::min<int64_t>(32, K4 - 32 * j));
+    for (int r = 0; r < R; ++r) p16[r] = _mm256_add_epi16(p16[r], block_dot(v, xp[r] + 128 * j));
+  }, out);
 }
 
 // ---------------------------------------------------------------------------------------------- fp32 / bf16
