@@ -6,8 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mom.infer import kernels as cpu_kernels
 from mom.model import scan as scan_mod
 from mom.model.scan import selective_scan, selective_state_update
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.available(), reason=f"C++ kernels: {cpu_kernels.why_unavailable()}")
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
@@ -35,13 +38,18 @@ def make(b=2, d=3, L=7, n=4, *, D=True, z=True, bias=True, h0=True, seed=0, grad
     return t
 
 
-def run(t, impl, softplus, ret_last, seed=1):
+def run(t, impl, softplus, ret_last, seed=1, native=None, chunk=None):
+    """y, last state and every gradient of a random linear loss; ``native``/``chunk`` pick the fast path's form."""
     for v in t.values():
         if v is not None:
             v.grad = None
-    out = selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"],
-                         delta_softplus=softplus, initial_state=t["initial_state"],
-                         return_last_state=ret_last, impl=impl)
+    args = (t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"])
+    if native is not None or chunk is not None:
+        out = scan_mod.selective_scan_fast(*args, delta_softplus=softplus, initial_state=t["initial_state"],
+                                           return_last_state=ret_last, native=native, chunk_size=chunk)
+    else:
+        out = selective_scan(*args, delta_softplus=softplus, initial_state=t["initial_state"],
+                             return_last_state=ret_last, impl=impl)
     y, last = out if ret_last else (out, None)
     g = torch.Generator().manual_seed(seed)
     loss = (y * torch.randn(y.shape, generator=g)).sum()
@@ -75,6 +83,43 @@ def test_fast_matches_reference(L, opts):
     assert g_f.keys() == g_r.keys()
     for k in g_r:
         torch.testing.assert_close(g_f[k], g_r[k], **TOL, msg=lambda m, k=k: f"grad {k}: {m}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("n", [4, 16, 24])
+@pytest.mark.parametrize("L,chunk", [(1, 16), (17, 16), (40, 7)])
+@pytest.mark.parametrize("opts", [dict(h0=True, ret_last=True), dict(h0=False, ret_last=False, D=False, z=False)],
+                         ids=["h0+last", "bare"])
+def test_cpp_loops_match_torch_loops_and_reference(n, L, chunk, opts):
+    """The fast path's C++ loops (csrc/scan.cpp; state sizes not a multiple of 8 padded) against its PyTorch
+    ops and the reference: outputs, last state and every gradient."""
+    opts = dict(opts)
+    ret_last = opts.pop("ret_last")
+    t = make(b=3, d=5, n=n, L=L, seed=n + L, **opts)
+    ref = run(t, "reference", True, ret_last)
+    for native in (False, True):
+        y, last, grads = run(t, "fast", True, ret_last, native=native, chunk=chunk)
+        torch.testing.assert_close(y, ref[0], **TOL)
+        if ret_last:
+            torch.testing.assert_close(last, ref[1], **TOL)
+        assert grads.keys() == ref[2].keys()
+        for k in grads:
+            torch.testing.assert_close(grads[k], ref[2][k], **TOL, msg=lambda m, k=k, nat=native: f"native={nat} grad {k}: {m}")
+
+
+@needs_kernels
+def test_cpp_loops_are_used_on_cpu_and_refuse_what_they_cannot_do():
+    t = make(L=5)
+    with torch.profiler.profile() as prof:
+        run(t, "fast", True, True)
+    names = {e.name for e in prof.events()}
+    assert {"mom_infer::selective_scan_cpu_fwd", "mom_infer::selective_scan_cpu_bwd"} <= names
+    with torch.profiler.profile() as prof:
+        run(t, "fast", True, True, native=False)
+    assert not any("selective_scan_cpu" in e.name for e in prof.events())
+    t64 = {k: (v.detach().double() if v is not None else None) for k, v in t.items()}
+    with pytest.raises(RuntimeError, match=r"native=True\) needs fp32 CPU inputs"):
+        scan_mod.selective_scan_fast(t64["u"], t64["delta"], t64["A"], t64["B"], t64["C"], native=True)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 5])
@@ -249,7 +294,8 @@ def test_parallel_form_cuts_the_launches():
                 v.grad = None
         with OpCounter() as c:
             y = scan_mod.selective_scan_fast(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"],
-                                             t["delta_bias"], True, t["initial_state"], parallel=parallel)
+                                             t["delta_bias"], True, t["initial_state"], parallel=parallel,
+                                             native=False)  # the torch ops a GPU would launch
             y.sum().backward()
         counts[parallel] = c.ops
     # measured with torch 2.13: 4909 per-step, 650 log-depth (7.6x)

@@ -1,6 +1,6 @@
 """The engine's CPU kernels: a small C++ extension built at first use, with eager torch fallbacks.
 
-``csrc/kernels.cpp`` and ``csrc/step.cpp`` (loops shared through ``csrc/kernels.h``) are compiled once per machine and torch version by ``torch.utils.cpp_extension.load``
+``csrc/kernels.cpp``, ``csrc/step.cpp`` and ``csrc/scan.cpp`` (loops shared through ``csrc/kernels.h``) are compiled once per machine and torch version by ``torch.utils.cpp_extension.load``
 into ``$MOM_KERNEL_CACHE`` (default ``~/.cache/mom/kernels``), ``-O3 -march=native`` (AVX2 + FMA is the
 floor; the compiler uses what the CPU has), and registers the ops ``torch.ops.mom_infer.*``:
 
@@ -11,7 +11,9 @@ floor; the compiler uses what the CPU has), and registers the ops ``torch.ops.mo
   matrix products at memory bandwidth (torch's GEMV reaches about half of it at batch 1 on the machines
   measured); the last one serves several weights sharing an input (q/k/v, gate/up) in one parallel pass;
 - ``rms_norm``, ``mamba_conv_step``, ``mamba_ssm_step``: the decode step's small ops fused (one call instead
-  of five to fifteen torch ops each).
+  of five to fifteen torch ops each);
+- ``selective_scan_cpu_fwd`` / ``selective_scan_cpu_bwd`` (``csrc/scan.cpp``): the training scan's forward and
+  backward recurrences on the CPU (``mom.model.scan``'s fast path uses them when they are built).
 
 Fake (meta) implementations are registered beside them so ``torch.compile`` traces through the ops.
 Without a C++ compiler, or when the build fails, ``available()`` is False, one warning says why, and the
@@ -30,7 +32,7 @@ from pathlib import Path
 import torch
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = [_CSRC / "kernels.cpp", _CSRC / "step.cpp"]
+_SOURCES = [_CSRC / "kernels.cpp", _CSRC / "step.cpp", _CSRC / "scan.cpp"]
 _STATE: dict = {"tried": False, "ok": False, "why": ""}
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-std=c++17"]
 
@@ -90,8 +92,8 @@ def available() -> bool:
                 first = next((ln for ln in lines if "error:" in ln), lines[0] if lines else type(e).__name__)
                 _STATE["why"] = first[:300]
         if not _STATE["ok"]:
-            warnings.warn(f"mom.infer: C++ kernels unavailable ({_STATE['why']}); decoding uses the eager torch "
-                          "path, which is several times slower", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"mom.infer: C++ kernels unavailable ({_STATE['why']}); decoding and the CPU training scan "
+                          "use the eager torch path, which is several times slower", RuntimeWarning, stacklevel=2)
     return _STATE["ok"]
 
 
@@ -152,6 +154,18 @@ def _register_fakes() -> None:
     @torch.library.register_fake("mom_infer::mamba_ssm_step")
     def _(ssm, u, dt, A, B, C, D, xz):
         return torch.empty_like(u)
+
+    @torch.library.register_fake("mom_infer::selective_scan_cpu_fwd")
+    def _(u, dt, A, B, C, h0, chunk, keep_states):
+        b, d, L = u.shape
+        states = u.new_empty((-(-L // chunk), b, d, A.shape[1]) if keep_states else (0,))
+        return [torch.empty_like(u), u.new_empty((b, d, A.shape[1])), states]
+
+    @torch.library.register_fake("mom_infer::selective_scan_cpu_bwd")
+    def _(u, dt, A, B, C, states, gy, glast, chunk):
+        b, d, _ = u.shape
+        return [torch.empty_like(u), torch.empty_like(u), torch.empty_like(A), torch.empty_like(B),
+                torch.empty_like(C), u.new_empty((b, d, A.shape[1]))]
 
     _FAKES_DONE = True
 

@@ -24,7 +24,9 @@ Implementations (``impl``):
   off the CPU) each chunk's recurrences are solved in log2(chunk) rounds of a few whole-chunk ops
   (Hillis-Steele) instead of one small op per step: a GPU without mamba-ssm is bound by kernel launches,
   and this cuts them ~10x (tests/test_scan.py counts them); the CPU keeps the per-step form, which reads
-  the buffers once.
+  the buffers once. On the CPU in fp32 the per-step loops run in C++ when the engine's kernels are built
+  (``mom/infer/csrc/scan.cpp``, ``native``): each (sequence, channel) row keeps its state in registers, the
+  same chunked algorithm, ~5x faster than the torch ops; without a compiler the torch ops run.
 * ``"cuda"``: mamba_ssm's CUDA kernel (needs mamba_ssm, a CUDA device and a successful probe call, see
   ``mom.model.kernels``; it has no initial state, so with ``initial_state`` this falls back to ``"fast"``).
   Raises ``RuntimeError`` when unavailable. The arguments are cast to the dtypes the kernel checks.
@@ -190,51 +192,153 @@ def _time_major(x):
     return x.to(_acc(x)).permute(2, 0, 1).contiguous()
 
 
+def _cpu_scan_ops(u, A, parallel):
+    """``torch.ops.mom_infer`` when the C++ scan loops apply to this call (fp32 on the CPU, the per-step form,
+    the kernels built), else None. They live in the engine's extension (``mom.infer.kernels``), built once."""
+    if u.device.type != "cpu" or _acc(u) != _F32 or parallel or A.shape[1] > 64:
+        return None
+    from mom.infer import kernels as cpu_kernels  # imported here: mom.infer imports mom.model
+
+    return torch.ops.mom_infer if cpu_kernels.available() else None
+
+
+def _lanes(t, n8):
+    """fp32, contiguous, the last dim zero-padded to n8 (the C++ scan keeps whole vectors of 8 state lanes;
+    a zero lane of A, B, C and the initial state stays zero and adds nothing)."""
+    if t is None:
+        return None
+    t = t.to(_F32)
+    return F.pad(t, (0, n8 - t.shape[-1])).contiguous() if t.shape[-1] != n8 else t.contiguous()
+
+
+def _forward_chunks(dt, u, A, B, C, h, chunk, parallel, keep_states):
+    """PyTorch form of the forward recurrence: (y = <h_t, C_t> (b, d, l), last state, chunk-start states)."""
+    b, d, L = u.shape
+    n = A.shape[1]
+    dt_t, u_t, B_t, C_t = _time_major(dt), _time_major(u), _time_major(B), _time_major(C)
+    Af = A.to(_acc(A))
+    ys = torch.empty((L, b, d), dtype=_acc(u), device=u.device)
+    work = min(chunk, L)
+    dA_buf = torch.empty((work, b, d, n), dtype=_acc(u), device=u.device)
+    hs_buf = torch.empty_like(dA_buf)
+    P_buf = torch.empty_like(dA_buf) if parallel else None
+    starts = []
+    for s in range(0, L, chunk):
+        e = min(s + chunk, L)
+        starts.append(h)
+        _, hs = _chunk_states(dt_t, u_t, B_t, Af, h, s, e, dA_buf, hs_buf, P_buf)
+        h = hs[-1].clone()
+        torch.sum(hs.mul_(C_t[s:e].unsqueeze(2)), dim=-1, out=ys[s:e])
+    del dA_buf, hs_buf, hs, P_buf
+    st = None
+    if keep_states:  # the first chunk starts from the initial state or zeros
+        zero = u.new_zeros((b, d, n), dtype=_acc(u)) if starts[0] is None else None
+        st = torch.stack([x if x is not None else zero for x in starts])
+    return ys.permute(1, 2, 0).contiguous(), h, st
+
+
+def _backward_chunks(dt, u, A, B, C, st, gy, glast, has_h0, chunk, parallel, need_g, need_A, need_B, need_C):
+    """PyTorch form of the backward recurrence (the C++ ``selective_scan_cpu_bwd`` returns the same):
+    ``(sGB, gdtA, gA, gB, gC, gh0)`` with sGB = sum_n G B and gdtA = sum_n G dA h_{t-1} A, both (b, d, l),
+    gA (d, n), gB and gC (b, n, l), gh0 = the gradient wrt the initial state; what is not needed is None."""
+    b, d, L = u.shape
+    n = A.shape[1]
+    dt_t, u_t, B_t, C_t = _time_major(dt), _time_major(u), _time_major(B), _time_major(C)
+    gy_t = gy.permute(2, 0, 1).contiguous()  # (l, b, d)
+    Af = A.to(_acc(A))
+    gC_t = torch.empty((L, b, n), dtype=_acc(u), device=u.device) if need_C else None
+    gB_t = sGB_t = gdt_t = gAf = None
+    if need_g:
+        gB_t = torch.empty((L, b, n), dtype=_acc(u), device=u.device) if need_B else None
+        sGB_t = torch.empty((L, b, d), dtype=_acc(u), device=u.device)  # sum_n G * B
+        gdt_t = torch.empty((L, b, d), dtype=_acc(u), device=u.device)  # via dA
+        gAf = torch.zeros((d, n), dtype=_acc(u), device=u.device) if need_A else None
+    carry = glast.to(_acc(glast)) if glast is not None else None
+    work = min(chunk, L)
+    dA_buf = torch.empty((work, b, d, n), dtype=_acc(u), device=u.device)
+    hs_buf = torch.empty_like(dA_buf)
+    tmp_buf = torch.empty_like(dA_buf)
+    G_buf = torch.empty_like(dA_buf) if need_g else None
+    P_buf = torch.empty_like(dA_buf) if parallel else None
+    carry_buf = torch.empty((b, d, n), dtype=_acc(u), device=u.device)
+    n_chunks = (L + chunk - 1) // chunk
+    for c in range(n_chunks - 1, -1, -1):
+        s = c * chunk
+        e = min(s + chunk, L)
+        T = e - s
+        h0 = st[c] if (c > 0 or has_h0) else None
+        dA, hs = _chunk_states(dt_t, u_t, B_t, Af, h0, s, e, dA_buf, hs_buf, P_buf)
+        tmp = tmp_buf[:T]
+        if gC_t is not None:
+            torch.sum(torch.mul(hs, gy_t[s:e].unsqueeze(-1), out=tmp), dim=2, out=gC_t[s:e])
+        if not need_g:
+            continue
+        # adjoint of the states: G_t = C_t gy_t + dA_{t+1} G_{t+1}
+        G = torch.mul(gy_t[s:e].unsqueeze(-1), C_t[s:e].unsqueeze(2), out=G_buf[:T])
+        if carry is not None:
+            G[T - 1].add_(carry)
+        if P_buf is not None and T > 1:
+            P_buf[: T - 1].copy_(dA[1:])  # G_t += dA_{t+1} * G_{t+1}
+            P_buf[T - 1].zero_()  # never a coefficient; defined so no stale NaN travels
+            _recurrence_(G, P_buf[:T], reverse=True)
+        else:
+            G_l, dA_l = G.unbind(0), dA.unbind(0)
+            for t in range(T - 2, -1, -1):
+                G_l[t].addcmul_(dA_l[t + 1], G_l[t + 1])
+            del G_l, dA_l
+        carry = torch.mul(dA[0], G[0], out=carry_buf)  # grad wrt the chunk's incoming state
+        if gB_t is not None:
+            dtu = dt_t[s:e] * u_t[s:e]
+            torch.sum(torch.mul(G, dtu.unsqueeze(-1), out=tmp), dim=2, out=gB_t[s:e])
+        torch.sum(torch.mul(G, B_t[s:e].unsqueeze(2), out=tmp), dim=-1, out=sGB_t[s:e])
+        # X_t = G_t * dA_t * h_{t-1}   (grad wrt dt*A), built in place in dA
+        X = dA.mul_(G)
+        if T > 1:
+            X[1:].mul_(hs[:-1])
+        if h0 is not None:
+            X[0].mul_(h0)
+        else:
+            X[0].zero_()
+        if gAf is not None:
+            gAf.add_(torch.mul(X, dt_t[s:e].unsqueeze(-1), out=tmp).sum((0, 1)))
+        torch.sum(X.mul_(Af), dim=-1, out=gdt_t[s:e])
+    del dA_buf, hs_buf, tmp_buf, G_buf, P_buf
+
+    def batch_major(x):  # (l, b, k) -> (b, k, l)
+        return x.permute(1, 2, 0).contiguous() if x is not None else None
+
+    return (batch_major(sGB_t), batch_major(gdt_t), gAf, batch_major(gB_t), batch_major(gC_t),
+            carry if need_g else None)
+
+
 class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk, parallel):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk, parallel, native):
         with _no_autocast(u.device.type):
-            b, d, L = u.shape
-            n = A.shape[1]
             _, dt = _dt(delta, delta_bias, delta_softplus)
-            dt_t, u_t, B_t, C_t = _time_major(dt), _time_major(u), _time_major(B), _time_major(C)
-            Af = A.to(_acc(A))
             h = initial_state.to(_acc(initial_state)) if initial_state is not None else None
-            ys = torch.empty((L, b, d), dtype=_acc(u), device=u.device)
-            work = min(chunk, L)
-            dA_buf = torch.empty((work, b, d, n), dtype=_acc(u), device=u.device)
-            hs_buf = torch.empty_like(dA_buf)
-            P_buf = torch.empty_like(dA_buf) if parallel else None
-            starts = []
-            for s in range(0, L, chunk):
-                e = min(s + chunk, L)
-                starts.append(h)
-                _, hs = _chunk_states(dt_t, u_t, B_t, Af, h, s, e, dA_buf, hs_buf, P_buf)
-                h = hs[-1].clone()
-                torch.sum(hs.mul_(C_t[s:e].unsqueeze(2)), dim=-1, out=ys[s:e])
-            del dA_buf, hs_buf, hs, P_buf
-            y = ys.permute(1, 2, 0).contiguous()  # (b, d, l)
-            del ys
+            keep = any(ctx.needs_input_grad)
+            if native:  # the same recurrence in C++ (csrc/scan.cpp); B and C time-major per sequence
+                n, n8 = A.shape[1], -(-A.shape[1] // 8) * 8
+                y, last, st = torch.ops.mom_infer.selective_scan_cpu_fwd(
+                    u.to(_F32).contiguous(), dt.contiguous(), _lanes(A, n8), _lanes(B.transpose(1, 2), n8),
+                    _lanes(C.transpose(1, 2), n8), _lanes(h, n8), chunk, keep)
+                last = last[..., :n] if n8 != n else last
+                st = st if keep else None
+            else:
+                y, last, st = _forward_chunks(dt, u, A, B, C, h, chunk, parallel, keep)
             if D is not None:
                 y = y + D.to(_acc(D))[:, None] * u.to(_acc(u))
             y_pre = y
             if z is not None:
                 y = y * F.silu(z.to(_acc(z)))
             y_out = y.to(u.dtype)
-            last = h
-
-            # chunk-start states for the backward (the first one is the initial state or zeros)
-            st = None
-            if any(ctx.needs_input_grad):
-                zero = u.new_zeros((b, d, n), dtype=_acc(u)) if initial_state is None else None
-                st = torch.stack([x if x is not None else zero for x in starts])
-            del starts
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, st,
                                   y_pre if z is not None else None)
             ctx.has_h0 = initial_state is not None
             ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
             ctx.delta_softplus = delta_softplus
-            ctx.chunk, ctx.parallel = chunk, parallel
+            ctx.chunk, ctx.parallel, ctx.native = chunk, parallel, native
             ctx.set_materialize_grads(False)
         return y_out, last
 
@@ -244,8 +348,6 @@ class _SelectiveScanFn(torch.autograd.Function):
         need = ctx.needs_input_grad  # u, delta, A, B, C, D, z, delta_bias, initial_state, ...
         with _no_autocast(u.device.type):
             b, d, L = u.shape
-            n = A.shape[1]
-            chunk = ctx.chunk
             pre, dt = _dt(delta, delta_bias, ctx.delta_softplus)
             uf = u.to(_acc(u))
             gu = gdelta = gA = gB = gC = gD = gz = gbias = gh0 = None
@@ -264,86 +366,37 @@ class _SelectiveScanFn(torch.autograd.Function):
 
             need_g = any(need[i] for i in (0, 1, 2, 3, 7, 8))  # anything that needs the state adjoint
             if need_g or need[4]:
-                dt_t, u_t, B_t, C_t = _time_major(dt), _time_major(u), _time_major(B), _time_major(C)
-                gy_t = gy.permute(2, 0, 1).contiguous()  # (l, b, d)
-                Af = A.to(_acc(A))
-                gC_t = torch.empty((L, b, n), dtype=_acc(u), device=u.device) if need[4] else None
-                if need_g:
-                    gB_t = torch.empty((L, b, n), dtype=_acc(u), device=u.device) if need[3] else None
-                    sGB_t = torch.empty((L, b, d), dtype=_acc(u), device=u.device)  # sum_n G * B
-                    gdt_t = torch.empty((L, b, d), dtype=_acc(u), device=u.device)  # via dA
-                    gAf = torch.zeros((d, n), dtype=_acc(u), device=u.device) if need[2] else None
-                carry = glast.to(_acc(glast)) if glast is not None else None
-                work = min(chunk, L)
-                dA_buf = torch.empty((work, b, d, n), dtype=_acc(u), device=u.device)
-                hs_buf = torch.empty_like(dA_buf)
-                tmp_buf = torch.empty_like(dA_buf)
-                G_buf = torch.empty_like(dA_buf) if need_g else None
-                P_buf = torch.empty_like(dA_buf) if ctx.parallel else None
-                carry_buf = torch.empty((b, d, n), dtype=_acc(u), device=u.device)
-                n_chunks = (L + chunk - 1) // chunk
-                for c in range(n_chunks - 1, -1, -1):
-                    s = c * chunk
-                    e = min(s + chunk, L)
-                    T = e - s
-                    h0 = st[c] if (c > 0 or ctx.has_h0) else None
-                    dA, hs = _chunk_states(dt_t, u_t, B_t, Af, h0, s, e, dA_buf, hs_buf, P_buf)
-                    tmp = tmp_buf[:T]
-                    if gC_t is not None:
-                        torch.sum(torch.mul(hs, gy_t[s:e].unsqueeze(-1), out=tmp), dim=2, out=gC_t[s:e])
-                    if not need_g:
-                        continue
-                    # adjoint of the states: G_t = C_t gy_t + dA_{t+1} G_{t+1}
-                    G = torch.mul(gy_t[s:e].unsqueeze(-1), C_t[s:e].unsqueeze(2), out=G_buf[:T])
-                    if carry is not None:
-                        G[T - 1].add_(carry)
-                    if P_buf is not None and T > 1:
-                        P_buf[: T - 1].copy_(dA[1:])  # G_t += dA_{t+1} * G_{t+1}
-                        P_buf[T - 1].zero_()  # never a coefficient; defined so no stale NaN travels
-                        _recurrence_(G, P_buf[:T], reverse=True)
-                    else:
-                        G_l, dA_l = G.unbind(0), dA.unbind(0)
-                        for t in range(T - 2, -1, -1):
-                            G_l[t].addcmul_(dA_l[t + 1], G_l[t + 1])
-                        del G_l, dA_l
-                    carry = torch.mul(dA[0], G[0], out=carry_buf)  # grad wrt the chunk's incoming state
-                    if gB_t is not None:
-                        dtu = dt_t[s:e] * u_t[s:e]
-                        torch.sum(torch.mul(G, dtu.unsqueeze(-1), out=tmp), dim=2, out=gB_t[s:e])
-                    torch.sum(torch.mul(G, B_t[s:e].unsqueeze(2), out=tmp), dim=-1, out=sGB_t[s:e])
-                    # X_t = G_t * dA_t * h_{t-1}   (grad wrt dt*A), built in place in dA
-                    X = dA.mul_(G)
-                    if T > 1:
-                        X[1:].mul_(hs[:-1])
-                    if h0 is not None:
-                        X[0].mul_(h0)
-                    else:
-                        X[0].zero_()
-                    if gAf is not None:
-                        gAf.add_(torch.mul(X, dt_t[s:e].unsqueeze(-1), out=tmp).sum((0, 1)))
-                    torch.sum(X.mul_(Af), dim=-1, out=gdt_t[s:e])
-                del dA_buf, hs_buf, tmp_buf, G_buf, P_buf
-
+                if ctx.native:
+                    n = A.shape[1]
+                    n8 = -(-n // 8) * 8
+                    sGB, gdtA, gAf, gBf, gCf, carry = torch.ops.mom_infer.selective_scan_cpu_bwd(
+                        uf.contiguous(), dt.contiguous(), _lanes(A, n8), _lanes(B.transpose(1, 2), n8),
+                        _lanes(C.transpose(1, 2), n8), st, gy.contiguous(), _lanes(glast, n8), ctx.chunk)
+                    gAf, carry = gAf[:, :n], carry[..., :n]
+                    gBf, gCf = gBf[..., :n].transpose(1, 2), gCf[..., :n].transpose(1, 2)  # (b, n, l)
+                else:
+                    sGB, gdtA, gAf, gBf, gCf, carry = _backward_chunks(
+                        dt, u, A, B, C, st, gy, glast, ctx.has_h0, ctx.chunk, ctx.parallel, need_g,
+                        need[2], need[3], need[4])
                 if need_g:
                     if need[8] and ctx.has_h0:
                         gh0 = carry.to(ctx.h0_dtype, copy=True)
-                    if gAf is not None:
+                    if need[2]:
                         gA = gAf.to(A.dtype)
-                    if gB_t is not None:
-                        gB = gB_t.permute(1, 2, 0).contiguous().to(B.dtype)
-                    sGB = sGB_t.permute(1, 2, 0).contiguous()  # (b, d, l)
+                    if need[3]:
+                        gB = gBf.to(B.dtype).contiguous()
                     if need[0]:
                         gu = sGB * dt
                     if need[1] or need[7]:
-                        gdt = gdt_t.permute(1, 2, 0).contiguous() + sGB * uf
+                        gdt = gdtA + sGB * uf
                         if ctx.delta_softplus:
                             gdt = gdt * torch.sigmoid(pre)
                         if need[1]:
                             gdelta = gdt.to(delta.dtype)
                         if need[7]:
                             gbias = gdt.sum((0, 2)).to(delta_bias.dtype)
-                if gC_t is not None:
-                    gC = gC_t.permute(1, 2, 0).contiguous().to(C.dtype)
+                if need[4]:
+                    gC = gCf.to(C.dtype).contiguous()
             if need[0]:
                 if D is not None:
                     du = gy * D.to(_acc(D))[:, None]
@@ -355,13 +408,14 @@ class _SelectiveScanFn(torch.autograd.Function):
                 gD = gD.to(D.dtype)
             if gz is not None:
                 gz = gz.to(z.dtype)
-        return gu, gdelta, gA, gB, gC, gD, gz, gbias, gh0, None, None, None
+        return gu, gdelta, gA, gB, gC, gD, gz, gbias, gh0, None, None, None, None
 
 
 def selective_scan_fast(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                        initial_state=None, return_last_state=False, chunk_size=None, parallel=None):
+                        initial_state=None, return_last_state=False, chunk_size=None, parallel=None, native=None):
     """Chunked in-place scan with a hand-written backward (see the module docstring). ``parallel``: solve
-    each chunk's recurrence in log-depth rounds (default: on every device but the CPU)."""
+    each chunk's recurrence in log-depth rounds (default: on every device but the CPU). ``native``: run the
+    per-step form's loops in C++ (fp32 on the CPU; default: when the kernels are built; False: PyTorch ops)."""
     _check_shapes(u, delta, A, B, C, D, z, delta_bias, initial_state)
     if parallel is None:
         parallel = u.device.type != "cpu"
@@ -371,8 +425,12 @@ def selective_scan_fast(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
     chunk = int(chunk_size or CHUNK_SIZE)
     if chunk < 1:
         raise ValueError("chunk_size must be >= 1")
+    ops = _cpu_scan_ops(u, A, parallel) if native is not False else None
+    if native and ops is None:
+        raise RuntimeError("selective_scan_fast(native=True) needs fp32 CPU inputs, parallel=False and the C++ "
+                           "kernels (mom.infer.kernels.why_unavailable() says why they are not built)")
     y, last = _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
-                                     bool(delta_softplus), chunk, bool(parallel))
+                                     bool(delta_softplus), chunk, bool(parallel), ops is not None)
     return (y, last) if return_last_state else y
 
 
