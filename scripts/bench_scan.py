@@ -1,4 +1,5 @@
-"""Benchmark the Mamba-1 selective scan on CPU: naive loops vs mom.model.scan.
+"""Benchmark the Mamba-1 selective scan on CPU: naive loops vs mom.model.scan (its fast path as torch ops and,
+when the C++ kernels build, as C++ loops: what training on the CPU uses).
 
     .venv/bin/python scripts/bench_scan.py [--skip-index] [--b 8 --d 512 --L 256 --n 16] [--repeats 3]
 
@@ -18,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from mom.model.scan import selective_scan  # noqa: E402
+from mom.infer import kernels as cpu_kernels  # noqa: E402
+from mom.model.scan import selective_scan, selective_scan_fast  # noqa: E402
 
 
 def _prologue(u, delta, A, B, C, delta_bias):
@@ -61,6 +63,14 @@ def unbind_loop(u, delta, A, B, C, D, z, delta_bias):
 def ours(impl):
     def f(u, delta, A, B, C, D, z, delta_bias):
         return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True, impl=impl)
+
+    return f
+
+
+def fast(native):
+    """The fast path with its per-step loops as torch ops (native=False) or in C++ (native=True)."""
+    def f(u, delta, A, B, C, D, z, delta_bias):
+        return selective_scan_fast(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True, native=native)
 
     return f
 
@@ -114,8 +124,10 @@ def main(argv=None):
     methods += [
         ("unbind loop", unbind_loop, a.repeats),
         ("mom reference", ours("reference"), a.repeats),
-        ("mom fast", ours("fast"), a.repeats),
+        ("mom fast, torch ops", fast(False), a.repeats),
     ]
+    if cpu_kernels.available():
+        methods.append(("mom fast, C++ loops (csrc/scan.cpp)", fast(True), a.repeats))
     # warm-up (allocator, thread pool) on a small shape
     for _, fn, _ in methods:
         run(fn, 2, 16, 8, 4, 1)
