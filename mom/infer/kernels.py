@@ -92,7 +92,7 @@ def available() -> bool:
                 first = next((ln for ln in lines if "error:" in ln), lines[0] if lines else type(e).__name__)
                 _STATE["why"] = first[:300]
         if not _STATE["ok"]:
-            warnings.warn(f"mom.infer: C++ kernels unavailable ({_STATE['why']}); decoding and the CPU training scan "
+            warnings.warn(f"mom.infer: C++ kernels unavailable ({_STATE['why']}); decoding and CPU training "
                           "use the eager torch path, which is several times slower", RuntimeWarning, stacklevel=2)
     return _STATE["ok"]
 

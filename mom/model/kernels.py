@@ -17,6 +17,10 @@ and the error) and MoM uses its own path (``mom.model.scan``, PyTorch convolutio
 
 Kernels run only on tensors whose device type is in :data:`KERNEL_DEVICES` (CUDA). Tests add ``"cpu"`` and
 install stand-ins that enforce the real kernels' argument checks (tests/helpers/kernel_standins.py).
+
+On the CPU, :func:`cpu_ops` hands the training code MoM's own C++ loops (the selective scan's recurrences),
+which live in the inference engine's extension (``mom.infer.kernels``, built at first use; without a compiler
+the torch ops run).
 """
 
 from __future__ import annotations
@@ -39,6 +43,13 @@ _LOOKUP = {
 }
 _found: dict[str, object] = {}  # name -> function, or None when not importable
 _usable: dict[tuple[str, str], str | None] = {}  # (name, device) -> None if usable, else why not
+
+
+def cpu_ops():
+    """``torch.ops.mom_infer`` once MoM's C++ CPU extension is built (``mom.infer.kernels``), else None."""
+    from mom.infer import kernels as cpu_kernels  # imported here: mom.infer imports mom.model
+
+    return torch.ops.mom_infer if cpu_kernels.available() else None
 
 
 def reset() -> None:

@@ -194,12 +194,10 @@ def _time_major(x):
 
 def _cpu_scan_ops(u, A, parallel):
     """``torch.ops.mom_infer`` when the C++ scan loops apply to this call (fp32 on the CPU, the per-step form,
-    the kernels built), else None. They live in the engine's extension (``mom.infer.kernels``), built once."""
+    a state of at most 64, the kernels built: ``kernels.cpu_ops``), else None."""
     if u.device.type != "cpu" or _acc(u) != _F32 or parallel or A.shape[1] > 64:
         return None
-    from mom.infer import kernels as cpu_kernels  # imported here: mom.infer imports mom.model
-
-    return torch.ops.mom_infer if cpu_kernels.available() else None
+    return kernels.cpu_ops()
 
 
 def _lanes(t, n8):
