@@ -5,8 +5,10 @@ A. forward+backward, batch 8 x 256: MoM converted from transformers' Jamba (hidd
 B. BitLinear vs nn.Linear forward+backward.
 C. `tiny` (all mixtures on) vs a dense Jamba-shaped model of the same total parameters.
 D. an attention block routed by Mixture of Depths at 12.5% capacity vs the same block dense, sequence 512.
+E. `make train`'s training step (experiment=tiny as composed from conf/, AdamW included): the selective scan's
+   C++ loops (mom/infer/csrc/scan.cpp) vs its torch ops.
 
-    .venv/bin/python scripts/bench_model.py [--skip-hf-jamba] [--repeats 5]
+    .venv/bin/python scripts/bench_model.py [--skip-hf-jamba] [--repeats 5] [--sections abcde]
 """
 
 from __future__ import annotations
@@ -163,11 +165,45 @@ def section_d(repeats: int):
     print(f"| MoD, capacity 12.5% | {t['routed']:.3f} | {t['routed'] / t['dense']:.2f}x |")
 
 
+def section_e(repeats: int):
+    from mom.config import compose, to_plain
+    from mom.lit import MoMLitModule
+    from mom.model import kernels, scan
+
+    if kernels.cpu_ops() is None:
+        print("\n### E. skipped: the C++ kernels are not built here")
+        return
+    cfg = compose("train", ["experiment=tiny"])
+    lit = MoMLitModule(model=to_plain(cfg.model), precision=to_plain(cfg.precision),
+                       optimizer=to_plain(cfg.optimizer), scheduler=to_plain(cfg.scheduler))
+    model, B, T = lit.model, cfg.data.batch_size, cfg.data.seq_len
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, cfg.model.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+    cpp = scan._cpu_scan_ops
+
+    def step(use_cpp):
+        def run():
+            scan._cpu_scan_ops = cpp if use_cpp else (lambda *a: None)
+            try:
+                model(input_ids=x, labels=x).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            finally:
+                scan._cpu_scan_ops = cpp
+        return run
+
+    t = interleaved({"torch": step(False), "cpp": step(True)}, max(repeats, 8), warmup=2)
+    print(f"\n### E. experiment=tiny training step ({B} x {T} tokens, vocabulary {cfg.model.vocab_size}, AdamW)\n")
+    print("| selective scan | step (s) | tokens/s | vs torch ops |\n|---|---|---|---|")
+    for name, key in (("torch ops", "torch"), ("C++ loops", "cpp")):
+        print(f"| {name} | {t[key]:.3f} | {B * T / t[key]:,.0f} | {t['torch'] / t[key]:.2f}x |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip-hf-jamba", action="store_true", help="skip transformers' Jamba (~90 s)")
-    ap.add_argument("--sections", default="abcd")
+    ap.add_argument("--sections", default="abcde")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if "a" in args.sections:
@@ -178,6 +214,8 @@ def main():
         section_c(args.repeats)
     if "d" in args.sections:
         section_d(args.repeats)
+    if "e" in args.sections:
+        section_e(args.repeats)
 
 
 if __name__ == "__main__":

@@ -425,8 +425,9 @@ def selective_scan_fast(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
         raise ValueError("chunk_size must be >= 1")
     ops = _cpu_scan_ops(u, A, parallel) if native is not False else None
     if native and ops is None:
-        raise RuntimeError("selective_scan_fast(native=True) needs fp32 CPU inputs, parallel=False and the C++ "
-                           "kernels (mom.infer.kernels.why_unavailable() says why they are not built)")
+        raise RuntimeError("selective_scan_fast(native=True) needs fp32 CPU inputs, parallel=False, a state size "
+                           "<= 64 and the C++ kernels (mom.infer.kernels.why_unavailable() says why they are not "
+                           "built)")
     y, last = _SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, initial_state,
                                      bool(delta_softplus), chunk, bool(parallel), ops is not None)
     return (y, last) if return_last_state else y
