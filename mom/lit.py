@@ -147,6 +147,14 @@ class MoMLitModule(L.LightningModule):
                 from mom.model import kernels
 
                 log.info("CUDA kernels: %s", ", ".join(f"{k}: {v}" for k, v in kernels.status(self.device).items()))
+        if self.device.type == "cpu":  # built (~40 s on a fresh 2-core machine) before trainer.max_time's clock starts
+            from mom.infer import kernels as cpu_kernels
+            from mom.model import kernels
+
+            ready = kernels.cpu_ops() is not None
+            if self.trainer.is_global_zero:
+                log.info("CPU kernels: %s", "C++ (mom.infer.kernels)" if ready else
+                         f"torch ops ({cpu_kernels.why_unavailable()})")
         for logger in self.loggers:
             logger.log_hyperparams({f"params/{k}": v for k, v in flat.items()})
 

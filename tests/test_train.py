@@ -47,6 +47,11 @@ def test_every_experiment_runs_one_step_here(compose, train_fn, experiment, tmp_
         choice = [r.getMessage() for r in caplog.records if r.getMessage().startswith("device:")]
         assert choice == ["device: cpu, precision: 32-true (trainer.accelerator=auto, trainer.precision=auto; "
                           "no CUDA GPU)"], choice
+        cpu = [r.getMessage() for r in caplog.records if r.getMessage().startswith("CPU kernels:")]
+        from mom.infer import kernels as cpu_kernels
+
+        want = "C++ (mom.infer.kernels)" if cpu_kernels.available() else f"torch ops ({cpu_kernels.why_unavailable()})"
+        assert cpu == [f"CPU kernels: {want}"], cpu  # settled before the first step (and trainer.max_time's clock)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU error path")

@@ -26,7 +26,7 @@ Implementations (``impl``):
   and this cuts them ~10x (tests/test_scan.py counts them); the CPU keeps the per-step form, which reads
   the buffers once. On the CPU in fp32 the per-step loops run in C++ when the engine's kernels are built
   (``mom/infer/csrc/scan.cpp``, ``native``): each (sequence, channel) row keeps its state in registers, the
-  same chunked algorithm, ~5x faster than the torch ops; without a compiler the torch ops run.
+  same chunked algorithm, ~4x faster than the torch ops; without a compiler the torch ops run.
 * ``"cuda"``: mamba_ssm's CUDA kernel (needs mamba_ssm, a CUDA device and a successful probe call, see
   ``mom.model.kernels``; it has no initial state, so with ``initial_state`` this falls back to ``"fast"``).
   Raises ``RuntimeError`` when unavailable. The arguments are cast to the dtypes the kernel checks.
