@@ -7,6 +7,12 @@ its log-depth form (default off the CPU), at sequence length L; plus the CPU tim
 side by side (the log-depth form reads each chunk log2(chunk) times, so the CPU keeps the per-step form).
 Table 2: host syncs and ops of a training forward/backward and an eval forward with conf/model/momv4.yaml's
 layout at toy widths. Counts depend on the code and the torch version, not on the machine.
+
+    python scripts/bench_gpu_paths.py --cuda [--L 2048]
+
+On a CUDA device: the scan's forward+backward timed there instead (momv4's Mamba width, d=2048, n=16, b=4), per
+step vs log-depth vs mamba-ssm's kernel when it is usable, with each one's largest difference from the per-step
+form (``scripts/gpu_check.sh`` runs this).
 """
 
 from __future__ import annotations
@@ -40,11 +46,55 @@ def scan_step(t, parallel):
     y.sum().backward()
 
 
+def cuda_scan_table(L: int, repeats: int, b: int = 4, d: int = 2048, n: int = 16, device: str = "cuda") -> None:
+    from mom.model import kernels
+    from mom.model.scan import selective_scan
+
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    forms = {"per step": lambda t: selective_scan_fast(*t, delta_softplus=True, parallel=False),
+             "log-depth per chunk (GPU default)": lambda t: selective_scan_fast(*t, delta_softplus=True,
+                                                                                  parallel=True)}
+    why = kernels.status(dev).get("selective_scan")
+    if kernels.get("selective_scan", dev) is not None:
+        forms["mamba-ssm selective_scan_fn"] = lambda t: selective_scan(*t, delta_softplus=True, impl="cuda")
+    inputs = [x.detach().to(dev).requires_grad_() for x in scan_inputs(b, d, L, n)]
+    print(f"### Selective scan on {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else dev}, fp32, b={b} d={d} L={L} n={n}, forward+backward"
+          f" (mamba-ssm: {why})\n")
+    print(f"| form | ms (median of {repeats}) | vs per step | max abs diff of y vs per step |")
+    print("|---|---:|---:|---:|")
+    ref, rows = None, {}
+    for name, fn in forms.items():
+        times = []
+        for i in range(repeats + 1):  # the first call warms up (allocator, Triton/CUDA modules)
+            for x in inputs:
+                x.grad = None
+            sync()
+            t0 = time.perf_counter()
+            y = fn(inputs)
+            y.sum().backward()
+            sync()
+            if i:
+                times.append(time.perf_counter() - t0)
+        y = y.detach()
+        ref = y if ref is None else ref
+        rows[name] = (sorted(times)[len(times) // 2], float((y - ref).abs().max()))
+    base = rows["per step"][0]
+    for name, (t, diff) in rows.items():
+        print(f"| {name} | {t * 1e3:.1f} | {base / t:.2f}x | {diff:.1e} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--L", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cuda", action="store_true", help="time the scan on the CUDA device instead of counting")
     args = ap.parse_args()
+    if args.cuda:
+        if not torch.cuda.is_available():
+            sys.exit("error: --cuda needs a CUDA device")
+        cuda_scan_table(args.L, args.repeats)
+        return
     torch.set_num_threads(2)
 
     print(f"### Selective scan, one layer, L={args.L}\n")

@@ -6,7 +6,8 @@
 2. installs the ``gpu`` extra (mamba-ssm, causal-conv1d) when ``nvcc`` exists, else says MoM's own scan is used,
    and prints which CUDA kernels are used (``mom.model.kernels.status()``);
 3. runs the tests marked ``cuda`` (scan on CUDA vs the CPU reference, packed layers vs BitLinear, cached generation
-   vs full recompute, one bf16-mixed training step);
+   vs full recompute, one bf16-mixed training step), then times the scan's forms on the GPU
+   (``scripts/bench_gpu_paths.py --cuda``: per step, log-depth, mamba-ssm's kernel when usable);
 4. trains ``experiment=momv4`` shrunk to ``--layers`` layers (same widths, mixtures and precision; the embedded
    Shakespeare corpus and a 4096-token BPE, so no network is needed) for ``--steps`` steps in bf16-mixed and prints
    tokens/s, MFU and peak memory (mom.train's throughput summary);
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-BUDGET_S = {"install": 240, "kernels": 30, "tests": 140, "train": 220, "decode": 60}  # under 10 minutes in all
+BUDGET_S = {"install": 240, "kernels": 30, "tests": 140, "scan": 40, "train": 180, "decode": 60}  # gpu_check.sh stops all at 600 s
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,6 +64,7 @@ def plan(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         steps.append(("install", [py, "-m", "pip", "install", "--no-build-isolation", "-e", f"{REPO}[gpu]"]))
     steps.append(("kernels", [py, "-c", "import mom.model.kernels as k; print(k.status())"]))
     steps.append(("tests", [py, "-m", "pytest", "-q", "-m", "cuda", "-rs", str(REPO / "tests")]))
+    steps.append(("scan", [py, str(REPO / "scripts" / "bench_gpu_paths.py"), "--cuda", "--L", "2048"]))
     steps.append(("train", [py, "-m", "mom.train", *train_overrides(args.layers, args.steps, out / "train")]))
     steps.append(("decode", [py, str(Path(__file__).resolve()), "--decode", str(out / "train" / "model"),
                              str(args.new_tokens)]))

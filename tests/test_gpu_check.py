@@ -25,7 +25,7 @@ def test_dry_run_prints_the_plan():
     res = _sh("--dry-run", "--layers", "4", "--steps", "20")
     assert res.returncode == 0, res.stderr
     names = [ln.split("]")[0].lstrip("[") for ln in res.stdout.splitlines()]
-    assert names == ["install", "kernels", "tests", "train", "decode"]
+    assert names == ["install", "kernels", "tests", "scan", "train", "decode"]
     assert "-m cuda" in res.stdout and "model.num_hidden_layers=4" in res.stdout and "trainer.max_steps=20" in res.stdout
     assert "install" not in _sh("--dry-run", "--skip-install").stdout
 

@@ -341,3 +341,27 @@ def test_mod_update_scale_sigmoid_or_raw_router_weight():
     assert not torch.allclose(outs["sigmoid"], outs["router"])  # same weights, a different function
     with pytest.raises(ConfigError, match="mod_update_scale"):
         tiny_config(mod=True, mod_update_scale="tanh")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "attn_bf16"])
+def test_bf16_autocast_trains_evaluates_and_decodes_with_mod(precision):
+    """bf16-mixed (every GPU run): the blocks' updates come out in bf16 while the residual stream stays fp32, and
+    MoD's scatter_add/index_add do not promote like ``+`` does. momv4's layout puts MoD on dense-MLP layers, where
+    the update is bf16 (the first GPU run would have stopped at step 0)."""
+    from mom.model.cache import MoMCache
+
+    model = build(mod=True, moa=True, precision=precision, num_hidden_layers=6, attn_layer_period=6,
+                  attn_layer_offset=5, expert_layer_period=2, expert_layer_offset=1, mod_layer_period=2,
+                  mod_layer_offset=0)
+    ids = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        model.eval()
+        with torch.no_grad():
+            full = model(ids).logits
+            cache = MoMCache.for_config(model.config)
+            steps = [model(ids[:, :4], cache=cache).logits] + [model(ids[:, t:t + 1], cache=cache).logits
+                                                                for t in range(4, 10)]
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert torch.cat(steps, 1).shape == full.shape and torch.isfinite(full).all()

@@ -95,7 +95,9 @@ class MoMBlock(nn.Module):
                 aux["mod_bce"] = [bce]
                 gather = idx.unsqueeze(-1).expand(-1, -1, h.shape[-1])
                 upd = self._ffn(h.gather(1, gather), aux, stats)
-                upd = upd * weight.gather(1, idx).unsqueeze(-1).to(upd.dtype)
+                # in the residual's dtype: under autocast the update is bf16, the stream fp32, and scatter_add
+                # (unlike +) does not promote
+                upd = upd.to(h.dtype) * weight.gather(1, idx).unsqueeze(-1).to(h.dtype)
                 stats["mod_selected_frac"] = [selected.float().mean().detach()]
                 return h.scatter_add(1, gather, upd), aux, stats
             selected, weight = router.threshold(h, token_mask)
@@ -112,7 +114,7 @@ class MoMBlock(nn.Module):
             valid = token_mask.gather(1, idx) if token_mask is not None else None
             hs = xs + self._mix(xs, valid, None, aux, stats)
             delta = hs - xs + self._ffn(hs, aux, stats)
-            delta = delta * weight.gather(1, idx).unsqueeze(-1).to(delta.dtype)
+            delta = delta.to(x.dtype) * weight.gather(1, idx).unsqueeze(-1).to(x.dtype)
             stats["mod_selected_frac"] = [selected.float().mean().detach()]
             return x.scatter_add(1, gather, delta), aux, stats
 
@@ -134,7 +136,7 @@ class MoMBlock(nn.Module):
         if rows.numel() == 0:
             return base
         upd = update(rows)
-        upd = upd * weight.reshape(-1)[rows].unsqueeze(-1).to(upd.dtype)
+        upd = upd.to(base.dtype) * weight.reshape(-1)[rows].unsqueeze(-1).to(base.dtype)  # index_add: one dtype
         return flat.index_add(0, rows, upd).view_as(base)
 
 
