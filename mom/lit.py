@@ -229,14 +229,25 @@ class MoMLitModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
-        """Clip by the global norm under FSDP too: ``clip_grad_norm_`` over the DTensor gradients reduces the
-        norm over the shards (Lightning's FSDP precision plugins refuse clipping by norm)."""
+        """Clip here where Lightning refuses to: by the global norm under FSDP (``clip_grad_norm_`` over the DTensor
+        gradients reduces the norm over the shards; Lightning's FSDP precision plugins refuse clipping by norm), and
+        with a fused optimizer (AdamW on CUDA), which Lightning's mixed-precision plugin refuses because such an
+        optimizer may unscale fp16 gradients inside its step: with a grad scaler they are unscaled first."""
         from mom.distributed import is_fsdp
 
-        if gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm" and is_fsdp(self.trainer.strategy):
-            torch.nn.utils.clip_grad_norm_([p for p in self.parameters() if p.grad is not None], gradient_clip_val)
+        algorithm = gradient_clip_algorithm or "norm"
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        if not gradient_clip_val or not (fused or (algorithm == "norm" and is_fsdp(self.trainer.strategy))):
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
-        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if fused and scaler is not None:  # 16-mixed: clip the true gradients; the step then skips its unscaling
+            scaler.unscale_(optimizer)
+        params = [p for p in self.parameters() if p.grad is not None]
+        if algorithm == "norm":
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

@@ -123,7 +123,9 @@ def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.Optimizer:
     kw = {"lr": float(_get(cfg, "lr")), "betas": tuple(float(b) for b in _get(cfg, "betas")),
           "eps": float(_get(cfg, "eps"))}
     if name == "adamw":
-        return torch.optim.AdamW(groups, fused=device.type == "cuda" or None, **kw)
+        fused = _get(cfg, "fused", None)
+        fused = device.type == "cuda" if fused is None else bool(fused)
+        return torch.optim.AdamW(groups, fused=fused or None, **kw)  # None: torch picks foreach
     if name == "galore_adamw":
         from galore_torch import GaLoreAdamW
 

@@ -284,3 +284,20 @@ def test_train_cli_log_has_one_line_per_event(python_env, tmp_path):
     assert out.count("scheduler.warmup_steps=5 is not shorter than the run's 3 steps") == 1, out
     assert "Epoch 0/-2" not in out and "3/3" in out, out
     assert "Trainable params" in out  # the module table is still there
+
+
+def test_fused_adamw_clips_gradients_under_bf16_mixed(compose, train_fn, tmp_path, monkeypatch):
+    """AdamW is fused on CUDA, and Lightning's mixed-precision plugin refuses to clip for a fused optimizer: the
+    first GPU run stopped there. Here on CPU with the same plugin (bf16-mixed) and a fused AdamW: clipping runs."""
+    clip, norms = torch.nn.utils.clip_grad_norm_, []
+
+    def spy(params, max_norm, *args, **kw):
+        norms.append(max_norm)
+        return clip(params, max_norm, *args, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    cfg = compose(tiny_overrides(tmp_path) + ["trainer.precision=bf16-mixed", "optimizer.fused=true",
+                                              "trainer.fast_dev_run=1", "trainer.gradient_clip_val=1e-3"])
+    metrics = train_fn(cfg)
+    assert metrics["step"] == 1 and torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert norms == [1e-3]
