@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no CUDA device: scripts/gpu_check.sh is for a GPU machine (--dry-run prints its plan)",
               file=sys.stderr)
         return 1
-    # MAMBA_KEEP_CUDA_BUILD: since mamba-ssm 2.3.2.post1 its selective-scan extension is built only on request
+    # MAMBA_KEEP_CUDA_BUILD: mamba-ssm's git main builds its selective-scan extension only on request
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                MAMBA_KEEP_CUDA_BUILD="TRUE")
     failed = []

@@ -117,7 +117,7 @@ def test_engine_decoding_through_the_step_kernel(monkeypatch):
 
 # ------------------------------------------------------------------------------ problem 3: usable, not importable
 def test_auto_falls_back_when_the_installed_scan_raises(monkeypatch, caplog):
-    def broken_scan(*args, **kwargs):  # mamba-ssm 2.3.2.post1 without MAMBA_KEEP_CUDA_BUILD
+    def broken_scan(*args, **kwargs):  # mamba-ssm's git main without MAMBA_KEEP_CUDA_BUILD
         raise RuntimeError("selective_scan_cuda is not installed. To use Mamba-1, reinstall with: ...")
 
     model = tiny()

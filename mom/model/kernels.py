@@ -9,7 +9,7 @@ name                          looked up as                                      
 ``causal_conv1d_update``      ``causal_conv1d.causal_conv1d_update``                           decoding
 ============================  ===============================================================  ================
 
-Importable is not usable: mamba-ssm 2.3.2.post1 installs without its scan extension unless asked
+Importable is not usable: mamba-ssm's git main installs without its scan extension unless asked
 (``MAMBA_KEEP_CUDA_BUILD=TRUE``), and then ``selective_scan_fn`` imports but raises when called; a wheel
 built for another GPU architecture fails the same way. So each kernel is *probed* once per device: a tiny
 call checked against MoM's own math. A kernel that fails its probe is reported once (a warning naming it
