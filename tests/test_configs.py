@@ -135,6 +135,7 @@ def test_experiment_files(compose, experiment, tmp_path):
     if experiment == "tiny":  # the ablation study's pick (docs/ablations.md): MoE + MoA + MoD 0.25, on a clock
         assert mc.mod_enabled and mc.mod_capacity == 0.25 and mc.moa_enabled and mc.num_experts == 4
         assert not mc.mhmoe_enabled and full.trainer.max_steps == -1 and full.trainer.max_time == "00:00:10:00"
+        assert mc.precision == PRECISION_PRESETS["mamba_attn_bf16"]  # experts and MLPs ternary (docs/ablations.md)
 
 
 @pytest.mark.parametrize("override,key", [
