@@ -59,8 +59,8 @@ def cuda_scan_table(L: int, repeats: int, b: int = 4, d: int = 2048, n: int = 16
     if kernels.get("selective_scan", dev) is not None:
         forms["mamba-ssm selective_scan_fn"] = lambda t: selective_scan(*t, delta_softplus=True, impl="cuda")
     inputs = [x.detach().to(dev).requires_grad_() for x in scan_inputs(b, d, L, n)]
-    print(f"### Selective scan on {torch.cuda.get_device_name(dev) if dev.type == 'cuda' else dev}, fp32, b={b} d={d} L={L} n={n}, forward+backward"
-          f" (mamba-ssm: {why})\n")
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type  # CPU: tests/test_gpu_check.py
+    print(f"### Selective scan on {name}, fp32, b={b} d={d} L={L} n={n}, forward+backward (mamba-ssm: {why})\n")
     print(f"| form | ms (median of {repeats}) | vs per step | max abs diff of y vs per step |")
     print("|---|---:|---:|---:|")
     ref, rows = None, {}

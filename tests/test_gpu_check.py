@@ -62,3 +62,16 @@ def test_the_momv4_shrink_keeps_momv4_but_its_depth(compose):
     assert any(attention) and not all(attention)  # Mamba and attention both survive the shrink
     assert any(cfg.is_expert_layer(i) for i in range(6))
     assert summary(cfg)["total_params"] < summary(model_config(full.model, full.precision))["total_params"]
+
+
+def test_the_gpu_scan_table_runs_its_forms_and_reports_their_agreement(capsys):
+    """``bench_gpu_paths.py --cuda``'s table, on the CPU at toy sizes: both forms of MoM's scan time and agree, and
+    mamba-ssm is named as not used (the tensors are not on CUDA)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_gpu_paths
+
+    bench_gpu_paths.cuda_scan_table(L=40, repeats=1, b=1, d=8, n=4, device="cpu")
+    out = capsys.readouterr().out
+    rows = [ln.split("|") for ln in out.splitlines() if ln.startswith("| per step") or ln.startswith("| log-depth")]
+    assert len(rows) == 2 and "mamba-ssm selective_scan_fn" not in out and "not a CUDA device" in out
+    assert float(rows[1][4]) < 1e-4  # the log-depth form's largest difference from the per-step form
