@@ -1,7 +1,7 @@
 """MoM's inference engine vs llama.cpp on the same Jamba weights (CPU, batch 1, greedy), one table.
 
     .venv/bin/python scripts/bench_vs_llamacpp.py [--sizes small,big] [--threads 2] [--new-tokens 64]
-                                                  [--no-compile] [--cache DIR]
+                                                  [--no-compile] [--rows LABELS] [--cache DIR]
 
 1. Builds llama.cpp once into ``--cache`` (default ``~/.cache/mom/llamacpp``) from the PyPI sdist of
    llama-cpp-python 0.3.36 (``pip download --no-binary``), which vendors llama.cpp with the Jamba architecture
@@ -282,6 +282,8 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--skip-llamacpp", action="store_true",
                     help="MoM only: the engine against the reference cached decoding (mom.model.generation)")
+    ap.add_argument("--rows", default="", help="only the MoM rows whose label contains one of these (separated by ;), "
+                    "e.g. 'fp32, native step as llama-bench'; their baselines always run")
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "mom" / "llamacpp")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -346,6 +348,10 @@ def main() -> None:
                     lambda m=packed, hp=hp: step_bench(m, prompt, args.new_tokens, dict(high_precision=hp)), nbytes,
                     base2)
 
+        if args.rows:  # only the rows asked for, and the baselines they are compared with
+            keep = {k for k in engines if any(s.strip() in k for s in args.rows.split(";"))}
+            keep |= {engines[k][2] for k in keep if engines[k][2]}
+            engines = {k: v for k, v in engines.items() if k in keep}
         results: dict = {k: [] for k in engines}
         for _ in range(args.reps):  # rounds: a slow spell of this shared machine hits every engine alike
             for label, (fn, _b, _base) in engines.items():
@@ -354,7 +360,11 @@ def main() -> None:
         for label, (_fn, nbytes, base) in engines.items():
             pre, dec = med[label]
             floor = bw / nbytes
-            ratio = f"{dec / med[base][1]:.2f}x {base}" if base else ""
+            ratio = ""
+            if base:  # each round's own ratio (the two engines seconds apart), their median and range
+                per_round = sorted(d / b for (_, d), (_, b) in zip(results[label], results[base]))
+                ratio = (f"{statistics.median(per_round):.2f}x {base} "
+                         f"({per_round[0]:.2f}-{per_round[-1]:.2f})")
             rows.append([name, label, f"{pre:,.0f}", f"{dec:,.1f}", f"{nbytes / 2**20:,.1f}", f"{floor:,.0f}",
                          f"{100 * dec / floor:.0f}%", ratio])
 
@@ -373,7 +383,8 @@ def main() -> None:
                 batched_rows.append([name, B, "fp32" if kind == "F32" else "ternary packed", f"{mom_tps:,.1f}",
                                      f"{ll:,.1f}", f"{mom_tps / ll:.2f}x"])
     print(f"\n### MoM vs llama.cpp, batch 1, {args.threads} threads, prompt {args.prompt}, {args.new_tokens} new tokens, "
-          f"median of {args.reps} interleaved rounds (read bandwidth {bw / 1e9:.1f} GB/s)\n")
+          f"median of {args.reps} interleaved rounds (read bandwidth {bw / 1e9:.1f} GB/s); MoM / baseline: the median "
+          f"of the rounds' own ratios (their range)\n")
     print(table(["model", "engine", "prefill tok/s", "decode tok/s", "weights read/token (MiB)", "floor tok/s",
                  "of floor", "MoM / baseline"], rows))
     if batched_rows:

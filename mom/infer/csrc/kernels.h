@@ -11,8 +11,9 @@
 //   (xp[128j + 32i + b] = x[128j + 4b + i]), so the codes are used as they are stored: u8 code x s8
 //   activation through maddubs, and sum(w x) = sum(code x) - sum(x).
 // Dense (fp32, bf16 or int8-per-row weights): y = x W^T (+ b) for few rows (decoding), fp32 FMA accumulation,
-//   4 weight rows at a time streamed once; output rows split over the threads. Built for memory bandwidth at
-//   batch 1. int8 rows are w = q * scale[row] (weight-only: the activations stay fp32).
+//   one weight row streamed at a time at batch 1 (four against each row of x in a prefill), every row summed
+//   in the same order; output rows split over the threads. Built for memory bandwidth at batch 1. int8 rows
+//   are w = q * scale[row] (weight-only: the activations stay fp32).
 //
 // Compiled with -ffp-contract=off: no multiply-add is fused unless written so (the quantiser must match
 // torch's rounding exactly).
@@ -215,44 +216,30 @@ inline float load1(const uint16_t* p) {
   return f;
 }
 
-// y[m, n0:n0+4] = x[m] . W[n0:n0+4] for every m (4 weight rows streamed once, reused over the rows of x)
-// (with `prefetch`, the next four rows are requested while these are summed: see kPrefetchRows)
-template <typename W>
-inline void dots4(const W* w, int64_t K, const float* x, int64_t M, float* out /* M x 4 */, bool prefetch) {
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xm = x + m * K;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-      if (prefetch && m == 0 && k % (64 / sizeof(W)) == 0)  // one request per cache line of each next row
-        for (int r = 0; r < 4; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (kPrefetchRows + r) * K + k), _MM_HINT_T0);
-      __m256 xv = _mm256_loadu_ps(xm + k);
-      a0 = _mm256_fmadd_ps(load8(w + k), xv, a0);
-      a1 = _mm256_fmadd_ps(load8(w + K + k), xv, a1);
-      a2 = _mm256_fmadd_ps(load8(w + 2 * K + k), xv, a2);
-      a3 = _mm256_fmadd_ps(load8(w + 3 * K + k), xv, a3);
+// y = x . w for R weight rows and one row of x. Every dense row is summed in this one order, whatever R and
+// however many rows x has (so a row's output never depends on its batch): 2 accumulators over k = 16i + 8j,
+// an 8-wide remainder into the first, a0 + a1, the 8 lanes, then the scalar tail. One row at a time (R = 1)
+// is one sequential stream per thread, which reads cache- and DRAM-resident weights fastest at batch 1;
+// R = 4 shares each load of x between four rows (prefill: 8 accumulators, x in a register).
+template <int R, typename W>
+inline void dense_rows(const W* w, int64_t K, const float* x, float* out /* R */) {
+  __m256 a[R][2];
+  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16)
+    for (int q = 0; q < 2; ++q) {
+      const __m256 xv = _mm256_loadu_ps(x + k + 8 * q);
+      for (int r = 0; r < R; ++r) a[r][q] = _mm256_fmadd_ps(load8(w + r * K + k + 8 * q), xv, a[r][q]);
     }
-    float s[4] = {hsum8(a0), hsum8(a1), hsum8(a2), hsum8(a3)};
-    for (; k < K; ++k)
-      for (int r = 0; r < 4; ++r) s[r] += load1(w + r * K + k) * xm[k];
-    for (int r = 0; r < 4; ++r) out[m * 4 + r] = s[r];
+  if (k + 8 <= K) {
+    const __m256 xv = _mm256_loadu_ps(x + k);
+    for (int r = 0; r < R; ++r) a[r][0] = _mm256_fmadd_ps(load8(w + r * K + k), xv, a[r][0]);
+    k += 8;
   }
-}
-
-template <typename W>
-inline void dots1(const W* w, int64_t K, const float* x, int64_t M, float* out /* M */) {
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xm = x + m * K;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-      a0 = _mm256_fmadd_ps(load8(w + k), _mm256_loadu_ps(xm + k), a0);
-      a1 = _mm256_fmadd_ps(load8(w + k + 8), _mm256_loadu_ps(xm + k + 8), a1);
-    }
-    for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(load8(w + k), _mm256_loadu_ps(xm + k), a0);
-    float s = hsum8(_mm256_add_ps(a0, a1));
-    for (; k < K; ++k) s += load1(w + k) * xm[k];
-    out[m] = s;
+  for (int r = 0; r < R; ++r) {
+    float s = hsum8(_mm256_add_ps(a[r][0], a[r][1]));
+    for (int64_t kk = k; kk < K; ++kk) s += load1(w + r * K + kk) * x[kk];
+    out[r] = s;
   }
 }
 
@@ -316,21 +303,26 @@ inline void dense_tile(const LinearWeights& L, const W* wd, const LinearJob& j, 
     if (rs) v = v * rs[n];
     j.y[m * N + n] = L.bias ? v + L.bias[n] : v;
   };
-  float buf[4 * 64];
-  for (int64_t m0 = 0; m0 < M; m0 += 64) {  // 64 rows of x at a time against these weight rows
-    const int64_t mm = std::min<int64_t>(64, M - m0);
-    const float* x = j.x + m0 * K;
-    if (n1 - n0 == 4) {
-      dots4(wd + n0 * K, K, x, mm, buf, n1 < N);
-      for (int64_t m = 0; m < mm; ++m)
-        for (int r = 0; r < 4; ++r) out(m0 + m, n0 + r, buf[m * 4 + r]);
-    } else {
-      for (int64_t n = n0; n < n1; ++n) {
-        dots1(wd + n * K, K, x, mm, buf);
-        for (int64_t m = 0; m < mm; ++m) out(m0 + m, n, buf[m]);
-      }
+  float s[4];
+  if (M == 1) {  // decoding: one weight row after the other
+    for (int64_t n = n0; n < n1; ++n) {
+      dense_rows<1>(wd + n * K, K, j.x, s);
+      out(0, n, s[0]);
     }
+    return;
   }
+  if (n1 - n0 == 4) {  // four weight rows (in L1) against every row of x
+    for (int64_t m = 0; m < M; ++m) {
+      dense_rows<4>(wd + n0 * K, K, j.x + m * K, s);
+      for (int r = 0; r < 4; ++r) out(m, n0 + r, s[r]);
+    }
+    return;
+  }
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      dense_rows<1>(wd + n * K, K, j.x + m * K, s);
+      out(m, n, s[0]);
+    }
 }
 
 // output rows n0 .. n1 (n1 - n0 <= 4) of one job
@@ -391,15 +383,18 @@ inline int64_t weight_bytes(const LinearWeights& L) {
   return L.N * L.K * (L.kind == Kind::F32 ? 4 : L.kind == Kind::BF16 ? 2 : 1) + (L.kind == Kind::INT8 ? 4 * L.N : 0);
 }
 
-// Run every job. Tiles of 4 output rows of all jobs form one range that the threads take in chunks from a
-// shared counter (one parallel region for all the jobs; a thread that starts late or runs slower takes fewer
-// chunks instead of making the others wait at the barrier).
+// Run every job. Tiles of 4 output rows of all jobs form one range, cut into one contiguous piece per thread
+// of about equal weight bytes (one parallel region for all the jobs). A thread reads the same rows at every
+// call: measured 1.2-1.5x faster at batch 1 than threads taking chunks from a shared counter, whose rows
+// change hands from call to call (docs/benchmarks.md).
 inline void run_linears(std::vector<LinearJob>& jobs) {
   std::vector<int64_t> before{0};
+  std::vector<double> cost_before{0.0};  // weight bytes of the tiles before each job's first
   int64_t bytes = 0;
   for (auto& j : jobs) {
     prepare(j);
     before.push_back(before.back() + (j.L->N + 3) / 4);
+    cost_before.push_back(cost_before.back() + static_cast<double>(weight_bytes(*j.L)));
     bytes += weight_bytes(*j.L) * std::max<int64_t>(1, j.M / 4);
   }
   const int64_t total = before.back();
@@ -418,10 +413,22 @@ inline void run_linears(std::vector<LinearJob>& jobs) {
     run(0, total);
     return;
   }
-  std::atomic<int64_t> next{0};
-  const int64_t chunk = std::max<int64_t>(1, total / (8 * threads));
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (int64_t t0; (t0 = next.fetch_add(chunk)) < total;) run(t0, std::min(total, t0 + chunk));
+  // the first tile of the piece that starts at `share` of the bytes
+  auto tile_at = [&](double share) -> int64_t {
+    const double c = share * cost_before.back();
+    size_t jn = std::upper_bound(cost_before.begin(), cost_before.end(), c) - cost_before.begin() - 1;
+    if (jn >= jobs.size()) return total;
+    const int64_t tiles = before[jn + 1] - before[jn];
+    const double per_tile = (cost_before[jn + 1] - cost_before[jn]) / static_cast<double>(tiles);
+    const int64_t inside = static_cast<int64_t>((c - cost_before[jn]) / per_tile + 0.5);
+    return before[jn] + std::min(tiles, inside);
+  };
+  at::parallel_for(0, threads, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t t0 = p == 0 ? 0 : tile_at(static_cast<double>(p) / threads);
+      const int64_t t1 = p + 1 == threads ? total : tile_at(static_cast<double>(p + 1) / threads);
+      run(t0, t1);
+    }
   });
 }
 
