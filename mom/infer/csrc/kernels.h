@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace mom_kernels {
@@ -384,17 +385,20 @@ inline int64_t weight_bytes(const LinearWeights& L) {
 }
 
 // Run every job. Tiles of 4 output rows of all jobs form one range, cut into one contiguous piece per thread
-// of about equal weight bytes (one parallel region for all the jobs). A thread reads the same rows at every
-// call: measured 1.2-1.5x faster at batch 1 than threads taking chunks from a shared counter, whose rows
-// change hands from call to call (docs/benchmarks.md).
+// of about equal work (weight bytes x rows of x; one parallel region for all the jobs). A thread reads the
+// same rows at every call (its piece first), then helps with what is left of the others' pieces, so a thread
+// that starts late or runs slower holds no one up. Measured 1.2-1.5x faster at batch 1 on this project's
+// 2-core machine than threads taking chunks of the whole range from one shared counter, whose rows change
+// hands from call to call (docs/benchmarks.md).
 inline void run_linears(std::vector<LinearJob>& jobs) {
   std::vector<int64_t> before{0};
-  std::vector<double> cost_before{0.0};  // weight bytes of the tiles before each job's first
+  std::vector<double> cost_before{0.0};  // work (weight bytes x rows) of the jobs before each job
   int64_t bytes = 0;
   for (auto& j : jobs) {
     prepare(j);
     before.push_back(before.back() + (j.L->N + 3) / 4);
-    cost_before.push_back(cost_before.back() + static_cast<double>(weight_bytes(*j.L)));
+    // a prefill's jobs see different numbers of rows (each expert its tokens): weight the bytes by them
+    cost_before.push_back(cost_before.back() + static_cast<double>(weight_bytes(*j.L)) * std::max<int64_t>(1, j.M));
     bytes += weight_bytes(*j.L) * std::max<int64_t>(1, j.M / 4);
   }
   const int64_t total = before.back();
@@ -413,7 +417,7 @@ inline void run_linears(std::vector<LinearJob>& jobs) {
     run(0, total);
     return;
   }
-  // the first tile of the piece that starts at `share` of the bytes
+  // the first tile of the piece that starts at `share` of the work
   auto tile_at = [&](double share) -> int64_t {
     const double c = share * cost_before.back();
     size_t jn = std::upper_bound(cost_before.begin(), cost_before.end(), c) - cost_before.begin() - 1;
@@ -423,12 +427,23 @@ inline void run_linears(std::vector<LinearJob>& jobs) {
     const int64_t inside = static_cast<int64_t>((c - cost_before[jn]) / per_tile + 0.5);
     return before[jn] + std::min(tiles, inside);
   };
+  struct alignas(64) Piece {  // one thread's tiles: it takes them in chunks from the front, so may a thief
+    std::atomic<int64_t> next{0};
+    int64_t end = 0, chunk = 1;
+  };
+  std::unique_ptr<Piece[]> pieces(new Piece[threads]);
+  for (int64_t p = 0; p < threads; ++p) {
+    const int64_t t0 = p == 0 ? 0 : tile_at(static_cast<double>(p) / threads);
+    pieces[p].next.store(t0, std::memory_order_relaxed);
+    pieces[p].end = p + 1 == threads ? total : tile_at(static_cast<double>(p + 1) / threads);
+    pieces[p].chunk = std::max<int64_t>(1, (pieces[p].end - t0) / 8);
+  }
   at::parallel_for(0, threads, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      const int64_t t0 = p == 0 ? 0 : tile_at(static_cast<double>(p) / threads);
-      const int64_t t1 = p + 1 == threads ? total : tile_at(static_cast<double>(p + 1) / threads);
-      run(t0, t1);
-    }
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t q = 0; q < threads; ++q) {  // its own piece, then what the others have left
+        Piece& c = pieces[(p + q) % threads];
+        for (int64_t t0; (t0 = c.next.fetch_add(c.chunk)) < c.end;) run(t0, std::min(c.end, t0 + c.chunk));
+      }
   });
 }
 
