@@ -40,7 +40,7 @@ def test_ternary_kernel_bit_identical_to_bitlinear(fin, fout):
 
 
 @needs_kernels
-@pytest.mark.parametrize("fin,fout", [(7, 5), (130, 70), (256, 260)])
+@pytest.mark.parametrize("fin,fout", [(7, 5), (130, 70), (256, 260), (1100, 37)])  # every remainder of 16 / 8 / 1
 def test_dense_kernels_match_f_linear(fin, fout):
     torch.manual_seed(fin)  # sums of ~256 unit products: fp32 summation order differs by ~1e-5
     w, b = torch.randn(fout, fin), torch.randn(fout)
@@ -49,9 +49,13 @@ def test_dense_kernels_match_f_linear(fin, fout):
         torch.testing.assert_close(torch.ops.mom_infer.linear_f32(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
         wb = w.bfloat16()
         torch.testing.assert_close(torch.ops.mom_infer.linear_bf16w(x, wb, None), F.linear(x, wb.float()),
-                                   rtol=1e-5, atol=1e-5)
-        # a row's result does not depend on the other rows (batched decoding = one by one)
-        assert torch.equal(torch.ops.mom_infer.linear_f32(x[1:2], w, b), torch.ops.mom_infer.linear_f32(x, w, b)[1:2])
+                                   rtol=1e-5, atol=1e-4)
+        # a row's result does not depend on the other rows (batched decoding = one by one): the one-row and the
+        # four-row kernels sum in the same order, whichever thread takes the row
+        q, scale = kernels.quantize_rows_int8(w)
+        for op, args in ((torch.ops.mom_infer.linear_f32, (w, b)), (torch.ops.mom_infer.linear_bf16w, (wb, b)),
+                         (torch.ops.mom_infer.linear_i8w, (q, scale, b))):
+            assert torch.equal(op(x[1:2], *args), op(x, *args)[1:2]), op
 
 
 @needs_kernels
