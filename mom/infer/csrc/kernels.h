@@ -427,7 +427,7 @@ inline void run_linears(std::vector<LinearJob>& jobs) {
     const int64_t inside = static_cast<int64_t>((c - cost_before[jn]) / per_tile + 0.5);
     return before[jn] + std::min(tiles, inside);
   };
-  struct alignas(64) Piece {  // one thread's tiles: it takes them in chunks from the front, so may a thief
+  struct alignas(64) Piece {  // one thread's tiles, taken in chunks from the front: by it, then by any thread done
     std::atomic<int64_t> next{0};
     int64_t end = 0, chunk = 1;
   };
