@@ -77,7 +77,7 @@ class OptimizerSchema:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
-    fused: Optional[bool] = None  # adamw: torch's fused kernel (one launch per step); null: on CUDA only
+    fused: Optional[bool] = None  # adamw: torch's fused kernel; null: on CUDA and CPU (not FSDP-sharded weights)
     # GaLore (ignored by adamw): 2-D weights of modules whose qualified name matches one of `target_modules`
     # (regular expressions, re.search) and whose smaller side exceeds `rank` are projected.
     rank: int = 128

@@ -212,6 +212,12 @@ class MoMLitModule(L.LightningModule):
 
         return next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        from mom.optim import mark_fused_step
+
+        mark_fused_step(optimizer)  # a fused step leaves version-keyed caches stale (validation, generation)
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         from mom.distributed import global_grad_norm
 
@@ -231,7 +237,7 @@ class MoMLitModule(L.LightningModule):
                                     gradient_clip_algorithm: str | None = None) -> None:
         """Clip here where Lightning refuses to: by the global norm under FSDP (``clip_grad_norm_`` over the DTensor
         gradients reduces the norm over the shards; Lightning's FSDP precision plugins refuse clipping by norm), and
-        with a fused optimizer (AdamW on CUDA), which Lightning's mixed-precision plugin refuses because such an
+        with a fused optimizer (AdamW, CUDA or CPU), which Lightning's mixed-precision plugin refuses because such an
         optimizer may unscale fp16 gradients inside its step: with a grad scaler they are unscaled first."""
         from mom.distributed import is_fsdp
 

@@ -301,3 +301,24 @@ def test_fused_adamw_clips_gradients_under_bf16_mixed(compose, train_fn, tmp_pat
     metrics = train_fn(cfg)
     assert metrics["step"] == 1 and torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert norms == [1e-3]
+
+
+def test_a_fused_step_refreshes_the_caches_keyed_on_weight_versions():
+    """torch's fused AdamW updates weights in place without bumping their version counters; after
+    mom.optim.mark_fused_step (called by MoMLitModule.optimizer_step) Mamba's cached A and the engine follow."""
+    from mom.infer import engine_for
+    from mom.model.mamba import MambaMixer
+    from mom.optim import mark_fused_step
+    from tests.helpers.models import build
+
+    model = build()
+    mixer = next(m for m in model.modules() if isinstance(m, MambaMixer))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    with torch.no_grad():
+        stale_a, stale_engine = mixer._A(), engine_for(model, native=False)
+    model(input_ids=torch.tensor([[1, 2, 3, 4]]), labels=torch.tensor([[1, 2, 3, 4]])).loss.backward()
+    opt.step()  # in place, version counters unchanged (torch 2.13)
+    mark_fused_step(opt)
+    with torch.no_grad():
+        assert torch.equal(mixer._A(), -torch.exp(mixer.A_log.float())) and not torch.equal(mixer._A(), stale_a)
+        assert engine_for(model, native=False) is not stale_engine
