@@ -31,7 +31,7 @@ import torch
 
 from mom.config import model_config
 from mom.metrics import IGNORE_INDEX, LanguageModelMetrics
-from mom.optim import build_optimizer, build_scheduler
+from mom.optim import build_optimizer, build_scheduler, mark_fused_step
 
 log = logging.getLogger("mom")
 
@@ -214,8 +214,6 @@ class MoMLitModule(L.LightningModule):
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        from mom.optim import mark_fused_step
-
         mark_fused_step(optimizer)  # a fused step leaves version-keyed caches stale (validation, generation)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

@@ -349,8 +349,11 @@ def main() -> None:
                     base2)
 
         if args.rows:  # only the rows asked for, and the baselines they are compared with
-            keep = {k for k in engines if any(s.strip() in k for s in args.rows.split(";"))}
-            keep |= {engines[k][2] for k in keep if engines[k][2]}
+            keep = {k for k, v in engines.items() if v[2] and any(s.strip() in k for s in args.rows.split(";"))}
+            if not keep:
+                raise SystemExit(f"--rows {args.rows!r} matches no MoM row; the rows: "
+                                 + "; ".join(k for k, v in engines.items() if v[2]))
+            keep |= {engines[k][2] for k in keep}
             engines = {k: v for k, v in engines.items() if k in keep}
         results: dict = {k: [] for k in engines}
         for _ in range(args.reps):  # rounds: a slow spell of this shared machine hits every engine alike

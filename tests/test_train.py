@@ -303,6 +303,16 @@ def test_fused_adamw_clips_gradients_under_bf16_mixed(compose, train_fn, tmp_pat
     assert norms == [1e-3]
 
 
+def test_adamw_is_fused_by_default_on_cpu_unless_told_not_to(compose, tmp_path):
+    from mom.optim import build_optimizer
+    from tests.helpers.models import build
+
+    model = build()
+    for value, fused in ((None, True), (False, None), (True, True)):
+        cfg = compose(tiny_overrides(tmp_path) + [f"optimizer.fused={'null' if value is None else str(value).lower()}"])
+        assert build_optimizer(model, cfg.optimizer).param_groups[0]["fused"] is fused, value
+
+
 def test_a_fused_step_refreshes_the_caches_keyed_on_weight_versions():
     """torch's fused AdamW updates weights in place without bumping their version counters; after
     mom.optim.mark_fused_step (called by MoMLitModule.optimizer_step) Mamba's cached A and the engine follow."""

@@ -305,21 +305,14 @@ inline void dense_tile(const LinearWeights& L, const W* wd, const LinearJob& j, 
     j.y[m * N + n] = L.bias ? v + L.bias[n] : v;
   };
   float s[4];
-  if (M == 1) {  // decoding: one weight row after the other
-    for (int64_t n = n0; n < n1; ++n) {
-      dense_rows<1>(wd + n * K, K, j.x, s);
-      out(0, n, s[0]);
-    }
-    return;
-  }
-  if (n1 - n0 == 4) {  // four weight rows (in L1) against every row of x
+  if (M > 1 && n1 - n0 == 4) {  // prefill: four weight rows (in L1) against every row of x
     for (int64_t m = 0; m < M; ++m) {
       dense_rows<4>(wd + n0 * K, K, j.x + m * K, s);
       for (int r = 0; r < 4; ++r) out(m, n0 + r, s[r]);
     }
     return;
   }
-  for (int64_t n = n0; n < n1; ++n)
+  for (int64_t n = n0; n < n1; ++n)  // decoding (and a prefill's last rows): one weight row after the other
     for (int64_t m = 0; m < M; ++m) {
       dense_rows<1>(wd + n * K, K, j.x + m * K, s);
       out(m, n, s[0]);
