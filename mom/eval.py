@@ -69,11 +69,12 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 # ----------------------------------------------------------------------------------------------- the job
 @torch.no_grad()
-def evaluate(cfg: Any, out=None, progress: bool = True) -> dict[str, Any]:
+def evaluate(cfg: Any, out=None, progress: bool = True, prepare: Any = None) -> dict[str, Any]:
     """Evaluate the model of ``cfg`` (an eval config: DictConfig or dict) on its validation data.
 
     Returns the metrics dict; when ``out`` (a text stream) is given, writes the table and the JSON line there.
-    ``progress``: a progress bar of the batches on stderr.
+    ``progress``: a progress bar of the batches on stderr. ``prepare``: called with the loaded model before
+    scoring (``scripts/block_ablation.py`` removes blocks with it).
     """
     from mom.data.corpus import DataError
     from mom.data.datamodule import build_datamodule
@@ -86,6 +87,8 @@ def evaluate(cfg: Any, out=None, progress: bool = True) -> dict[str, Any]:
         return evaluate_harness(cfg, out=out)
     model_dir = resolve_model_dir(cfg.get("run_dir"), cfg.get("model_dir"), error=EvalError)
     model, tok = load_model_and_tokenizer(model_dir, error=EvalError)
+    if prepare is not None:
+        prepare(model)
     config = model.config
 
     data_cfg = cfg.get("data") or {}

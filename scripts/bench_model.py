@@ -6,7 +6,9 @@ B. BitLinear vs nn.Linear forward+backward.
 C. `tiny` (all mixtures on) vs a dense Jamba-shaped model of the same total parameters.
 D. an attention block routed by Mixture of Depths at 12.5% capacity vs the same block dense, sequence 512.
 E. `make train`'s training step (experiment=tiny as composed from conf/, AdamW included): the selective scan's
-   C++ loops (mom/infer/csrc/scan.cpp) vs its torch ops.
+   C++ loops (mom/infer/csrc/scan.cpp) vs its torch ops, and the Mamba mixer's time-major CPU form (the conv in
+   C++ on in_proj's rows, the scan reading them as they are) vs its channel-major form (F.conv1d, transposing
+   copies around the scan).
 
     .venv/bin/python scripts/bench_model.py [--skip-hf-jamba] [--repeats 5] [--sections abcde]
 """
@@ -168,7 +170,7 @@ def section_d(repeats: int):
 def section_e(repeats: int):
     from mom.config import compose, to_plain
     from mom.lit import MoMLitModule
-    from mom.model import kernels, scan
+    from mom.model import kernels, mamba, scan
 
     if kernels.cpu_ops() is None:
         print("\n### E. skipped: the C++ kernels are not built here")
@@ -179,24 +181,28 @@ def section_e(repeats: int):
     model, B, T = lit.model, cfg.data.batch_size, cfg.data.seq_len
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, cfg.model.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
-    cpp = scan._cpu_scan_ops
+    cpp, conv = scan._cpu_scan_ops, mamba._cpu_conv
 
-    def step(use_cpp):
+    def step(use_cpp, time_major):
         def run():
             scan._cpu_scan_ops = cpp if use_cpp else (lambda *a: None)
+            mamba._cpu_conv = conv if time_major else (lambda *a: None)
             try:
                 model(input_ids=x, labels=x).loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             finally:
-                scan._cpu_scan_ops = cpp
+                scan._cpu_scan_ops, mamba._cpu_conv = cpp, conv
         return run
 
-    t = interleaved({"torch": step(False), "cpp": step(True)}, max(repeats, 8), warmup=2)
+    arms = {"torch": step(False, False), "cpp": step(True, False), "time_major": step(True, True)}
+    t = interleaved(arms, max(repeats, 8), warmup=2)
     print(f"\n### E. experiment=tiny training step ({B} x {T} tokens, vocabulary {cfg.model.vocab_size}, AdamW)\n")
-    print("| selective scan | step (s) | tokens/s | vs torch ops |\n|---|---|---|---|")
-    for name, key in (("torch ops", "torch"), ("C++ loops", "cpp")):
-        print(f"| {name} | {t[key]:.3f} | {B * T / t[key]:,.0f} | {t['torch'] / t[key]:.2f}x |")
+    print("| Mamba mixer on the CPU | step (s) | tokens/s | vs torch ops | vs channel-major |\n|---|---|---|---|---|")
+    for name, key in (("scan in torch ops, channel-major", "torch"), ("scan in C++, channel-major", "cpp"),
+                      ("scan in C++, time-major with the C++ conv", "time_major")):
+        print(f"| {name} | {t[key]:.3f} | {B * T / t[key]:,.0f} | {t['torch'] / t[key]:.2f}x | "
+              f"{t['cpp'] / t[key]:.2f}x |")
 
 
 def main():

@@ -96,6 +96,40 @@ def test_eval_refuses_tokenizer_of_another_vocab(run, tmp_path):
         evaluate({"run_dir": str(run), "model_dir": str(other), "max_seq_length": 32})
 
 
+def test_block_ablation_removes_exactly_one_part(run, capsys):
+    """scripts/block_ablation.py: a removed block is the model without that layer; a removed mixer and
+    feed-forward leave the block adding nothing; the table has a row per (layer, part) after the full model's."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import block_ablation
+    finally:
+        sys.path.pop(0)
+
+    model, tok = _model(run)
+    ids = torch.tensor([tok.encode("ROMEO. What light through yonder window breaks").ids])
+    with torch.no_grad():
+        full = model(ids).logits
+        block_ablation.remove(model.model.layers[1], "block")
+        without_1 = model(ids).logits
+        del model.model.layers[1]
+        assert torch.equal(without_1, model(ids).logits)
+        assert not torch.allclose(without_1, full)
+        model, _ = _model(run)
+        block_ablation.remove(model.model.layers[0], "mixer")
+        block_ablation.remove(model.model.layers[0], "ffn")
+        x = torch.randn(1, 5, model.config.hidden_size)
+        assert torch.equal(model.model.layers[0](x)[0], x)
+    with pytest.raises(ValueError, match="unknown part"):
+        block_ablation.remove(model.model.layers[0], "router")
+
+    assert block_ablation.main([str(run), "--parts", "block,ffn", "--layers", "0", "--batch-size", "4"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["removed", "nothing", "block", "ffn"]
+    full_bpb, block_bpb = float(rows[1].split("|")[3]), float(rows[2].split("|")[3])
+    assert math.isfinite(full_bpb) and block_bpb != full_bpb
+    assert abs(float(rows[2].split("|")[4]) - (block_bpb - full_bpb)) <= 1.5e-4  # both columns rounded
+
+
 @pytest.mark.slow
 def test_eval_cli_last_line_is_json(run):
     p = subprocess.run([sys.executable, "-m", "mom.eval", f"run_dir={run}", "max_seq_length=32"],

@@ -108,6 +108,92 @@ def test_cpp_loops_match_torch_loops_and_reference(n, L, chunk, opts):
 
 
 @needs_kernels
+@pytest.mark.parametrize("L", [1, 9, 40])
+def test_cpp_loops_take_time_major_views_without_copies(L):
+    """Mamba's CPU activations are (b, d, l) views of time-major (b, l, d) memory: the C++ loops read them and
+    write y and every gradient in that layout, with the values of channel-major copies (to the last bits of
+    torch's elementwise ops around them, whose vector loops round differently in another layout)."""
+    t = make(b=2, d=11, n=16, L=L, seed=L)
+    tm = {k: (v.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+              if v is not None and k in ("u", "delta", "z") else v) for k, v in t.items()}
+    assert tm["u"].transpose(1, 2).is_contiguous() and (L == 1 or not tm["u"].is_contiguous())
+    a, b = run(t, "fast", True, True, native=True), run(tm, "fast", True, True, native=True)
+    close = dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(b[0], a[0], **close)
+    torch.testing.assert_close(b[1], a[1], **close)
+    for k in a[2]:
+        torch.testing.assert_close(b[2][k], a[2][k], **close, msg=lambda m, k=k: f"grad {k}: {m}")
+    with torch.no_grad():
+        y = scan_mod.selective_scan_fast(tm["u"], tm["delta"], tm["A"], tm["B"], tm["C"], tm["D"], tm["z"],
+                                         tm["delta_bias"], delta_softplus=True, initial_state=tm["initial_state"],
+                                         native=True)
+    assert y.transpose(1, 2).is_contiguous()  # the scan's output keeps the layout: out_proj reads it as it is
+    torch.testing.assert_close(y, a[0], **close)
+
+
+@needs_kernels
+@pytest.mark.parametrize("C,L,K,bias", [(16, 9, 4, True), (13, 3, 4, True), (8, 1, 2, False), (21, 17, 8, True)])
+def test_cpp_conv_matches_torch(C, L, K, bias):
+    """Mamba's causal depthwise conv + SiLU in C++ on time-major rows (strided, as half of in_proj's output):
+    values and the gradients of input, weight and bias against F.conv1d; a tail of channels under 8 included."""
+    import torch.nn.functional as F
+
+    from mom.model.mamba import _CausalConvSiLUCPU
+
+    g = torch.Generator().manual_seed(C + L + K)
+    xz = torch.randn(3, L, 2 * C, generator=g, requires_grad=True)
+    w = torch.randn(C, K, generator=g, requires_grad=True)
+    b = torch.randn(C, generator=g, requires_grad=True) if bias else None
+    gout = torch.randn(3, L, C, generator=g)
+    out = _CausalConvSiLUCPU.apply(xz[..., :C], w, b)
+    assert out.is_contiguous() and out.shape == (3, L, C)
+    got = torch.autograd.grad(out, [xz, w] + ([b] if bias else []), gout)
+    ref_out = F.silu(F.conv1d(xz[..., :C].transpose(1, 2), w[:, None], b, padding=K - 1, groups=C)[..., :L])
+    ref_out = ref_out.transpose(1, 2)
+    ref = torch.autograd.grad(ref_out, [xz, w] + ([b] if bias else []), gout)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    for name, x, y in zip(("x", "w", "bias"), got, ref):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"grad {name}: {m}")
+    assert torch.count_nonzero(got[0][..., C:]) == 0  # z's half of xz gets nothing from the conv
+    with pytest.raises(RuntimeError, match="contiguous channels"):
+        torch.ops.mom_infer.causal_conv1d_cpu_fwd(xz.detach().transpose(1, 2), w.detach(), None)
+
+
+@needs_kernels
+@pytest.mark.parametrize("precision", ["bf16", "ternary"])
+def test_mamba_mixer_time_major_cpu_path_matches_the_conv1d_path(monkeypatch, precision):
+    """The Mamba mixer on the CPU (C++ conv on time-major activations, the scan reading them as they are)
+    against its channel-major form (F.conv1d, transposing copies): outputs and every gradient; padding too."""
+    from mom.model import mamba as mamba_mod
+    from tests.helpers.models import tiny_config
+
+    torch.manual_seed(0)
+    mixer = mamba_mod.MambaMixer(tiny_config(precision=precision, mamba_d_state=16))
+    x = torch.randn(2, 13, 32, requires_grad=True)
+    mask = torch.ones(2, 13, dtype=torch.bool)
+    mask[1, :4] = False
+
+    def run_mixer():
+        mixer.zero_grad()
+        x.grad = None
+        with torch.profiler.profile() as prof:
+            out = mixer(x, mask)
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        names = {e.name for e in prof.events()}
+        return out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in mixer.named_parameters()}, names
+
+    fast = run_mixer()
+    assert {"mom_infer::causal_conv1d_cpu_fwd", "mom_infer::causal_conv1d_cpu_bwd"} <= fast[3]
+    monkeypatch.setattr(mamba_mod, "_cpu_conv", lambda x, width: None)
+    slow = run_mixer()
+    assert not any("causal_conv1d_cpu" in n for n in slow[3])
+    torch.testing.assert_close(fast[0], slow[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fast[1], slow[1], rtol=1e-4, atol=1e-5)
+    for n in fast[2]:
+        torch.testing.assert_close(fast[2][n], slow[2][n], rtol=1e-4, atol=1e-4, msg=lambda m, n=n: f"grad {n}: {m}")
+
+
+@needs_kernels
 def test_cpp_loops_are_used_on_cpu_and_refuse_what_they_cannot_do():
     t = make(L=5)
     with torch.profiler.profile() as prof:

@@ -35,6 +35,29 @@ def _conv_kernel(name: str, x: torch.Tensor, width: int):
     return kernels.get(name, x.device)
 
 
+class _CausalConvSiLUCPU(torch.autograd.Function):
+    """silu(causal depthwise conv) on time-major (B, T, C) activations in C++ (``csrc/scan.cpp``): no transposing
+    copy of in_proj's output, and the output feeds x_proj and the scan as it is."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight, bias)
+        return torch.ops.mom_infer.causal_conv1d_cpu_fwd(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, gout):
+        x, weight, bias = ctx.saved_tensors
+        gx, gw, gb = torch.ops.mom_infer.causal_conv1d_cpu_bwd(x, weight, bias, gout)
+        return gx, gw, gb if bias is not None else None
+
+
+def _cpu_conv(x: torch.Tensor, width: int):
+    """The C++ conv's ops when they apply to ``x`` (fp32 on the CPU, width <= 8, the kernels built), else None."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or width > 8:
+        return None
+    return kernels.cpu_ops()
+
+
 class MambaMixer(nn.Module):
     def __init__(self, config: MoMConfig):
         super().__init__()
@@ -75,7 +98,8 @@ class MambaMixer(nn.Module):
         return proj(dt), None
 
     def _conv(self, x: torch.Tensor, state: MambaState | None) -> torch.Tensor:
-        """Causal depthwise conv over (B, d_inner, T); updates state.conv."""
+        """silu(causal depthwise conv) over (B, d_inner, T); updates state.conv. On the CPU without a state, the
+        input and output are (B, d_inner, T) views of time-major memory (the scan takes them as they are)."""
         T = x.shape[-1]
         if state is None or state.conv is None:  # no past inputs: training, or a prefill
             conv = _conv_kernel("causal_conv1d", x, self.d_conv)
@@ -84,6 +108,12 @@ class MambaMixer(nn.Module):
                     state.conv = F.pad(x, (max(self.d_conv - 1 - T, 0), 0))[..., -(self.d_conv - 1):].contiguous()
                 w, b = self.conv1d.weight.squeeze(1), self.conv1d.bias
                 return conv(x.contiguous(), w, b.to(w.dtype) if b is not None else None, activation="silu")
+            if state is None and _cpu_conv(x, self.d_conv) is not None:  # training/scoring on the CPU: time-major
+                w = self.conv1d.weight.squeeze(1)
+                w = w if w.is_contiguous() else w.contiguous()
+                rows = x.transpose(1, 2)  # (B, T, d_inner): in_proj's rows, channels contiguous
+                rows = rows if rows.stride(2) == 1 else rows.contiguous()
+                return _CausalConvSiLUCPU.apply(rows, w, self.conv1d.bias).transpose(1, 2)
             if state is None:
                 return F.silu(self.conv1d(x)[..., :T])
         past = state.conv if state.conv is not None else x.new_zeros(x.shape[0], self.d_inner, self.d_conv - 1)

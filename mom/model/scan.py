@@ -200,6 +200,19 @@ def _cpu_scan_ops(u, A, parallel):
     return kernels.cpu_ops()
 
 
+def _dense(x):
+    """fp32 x in a dense (b, d, l) layout the C++ scan takes: as it is when channel-major or a view of time-major
+    (b, l, d) memory (Mamba's activations on the CPU), else a contiguous copy."""
+    x = x.to(_F32)
+    return x if x.is_contiguous() or x.transpose(1, 2).is_contiguous() else x.contiguous()
+
+
+def _like(x, ref):
+    """fp32 x in ref's memory layout (the C++ scan wants u, dt and gy to share one)."""
+    x = x.to(_F32)
+    return x if x.stride() == ref.stride() else torch.empty_strided(ref.shape, ref.stride(), dtype=_F32).copy_(x)
+
+
 def _lanes(t, n8):
     """fp32, contiguous, the last dim zero-padded to n8 (the C++ scan keeps whole vectors of 8 state lanes;
     a zero lane of A, B, C and the initial state stays zero and adds nothing)."""
@@ -318,8 +331,9 @@ class _SelectiveScanFn(torch.autograd.Function):
             keep = any(ctx.needs_input_grad)
             if native:  # the same recurrence in C++ (csrc/scan.cpp); B and C time-major per sequence
                 n, n8 = A.shape[1], -(-A.shape[1] // 8) * 8
+                uf = _dense(u)
                 y, last, st = torch.ops.mom_infer.selective_scan_cpu_fwd(
-                    u.to(_F32).contiguous(), dt.contiguous(), _lanes(A, n8), _lanes(B.transpose(1, 2), n8),
+                    uf, _like(dt, uf), _lanes(A, n8), _lanes(B.transpose(1, 2), n8),
                     _lanes(C.transpose(1, 2), n8), _lanes(h, n8), chunk, keep)
                 last = last[..., :n] if n8 != n else last
                 st = st if keep else None
@@ -367,9 +381,10 @@ class _SelectiveScanFn(torch.autograd.Function):
                 if ctx.native:
                     n = A.shape[1]
                     n8 = -(-n // 8) * 8
+                    ud = _dense(uf)
                     sGB, gdtA, gAf, gBf, gCf, carry = torch.ops.mom_infer.selective_scan_cpu_bwd(
-                        uf.contiguous(), dt.contiguous(), _lanes(A, n8), _lanes(B.transpose(1, 2), n8),
-                        _lanes(C.transpose(1, 2), n8), st, gy.contiguous(), _lanes(glast, n8), ctx.chunk)
+                        ud, _like(dt, ud), _lanes(A, n8), _lanes(B.transpose(1, 2), n8),
+                        _lanes(C.transpose(1, 2), n8), st, _like(gy, ud), _lanes(glast, n8), ctx.chunk)
                     gAf, carry = gAf[:, :n], carry[..., :n]
                     gBf, gCf = gBf[..., :n].transpose(1, 2), gCf[..., :n].transpose(1, 2)  # (b, n, l)
                 else:

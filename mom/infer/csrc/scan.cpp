@@ -6,9 +6,14 @@
 // recomputes a chunk's states from it and runs the adjoint recurrence G_t = C_t gy_t + exp(dt_{t+1} A) G_{t+1}
 // in reverse time.
 //
-// Layouts: u, dt (b, d, l); A (d, n); B, C time-major per sequence (b, l, n); states (chunks, b, d, n). The
-// state size n is a multiple of 8 up to 64 (mom.model.scan pads others with zero lanes): the state of a row
-// stays in registers.
+// Layouts: u, dt (b, d, l) with any strides as long as both (and the backward's gy) share them: Mamba's
+// time-major activations come in as (b, d, l) views of (b, l, d) memory and y, sGB, gdtA are written in that
+// same layout, so no transposing copies; A (d, n); B, C time-major per sequence (b, l, n); states
+// (chunks, b, d, n). The state size n is a multiple of 8 up to 64 (mom.model.scan pads others with zero
+// lanes): the state of a row stays in registers.
+//
+// Also here: Mamba's causal depthwise conv + SiLU on time-major (b, l, c) activations, forward and backward
+// (causal_conv1d_cpu_fwd/bwd), channels in vectors of 8.
 #include "kernels.h"
 
 #include <torch/library.h>
@@ -22,8 +27,8 @@ using namespace mom_kernels;
 // One (sequence, channel) row of the forward: NV vectors of 8 state lanes kept in registers over all steps.
 // y[t] = <h_t, C_t>; states (when given) receives the state before every chunk, at stride `stride`.
 template <int NV>
-void forward_row(const float* u, const float* dt, const float* a, const float* Bb, const float* Cb, const float* h0,
-                 int64_t L, int64_t chunk, float* y, float* last, float* states, int64_t stride) {
+void forward_row(const float* u, const float* dt, int64_t ts, const float* a, const float* Bb, const float* Cb,
+                 const float* h0, int64_t L, int64_t chunk, float* y, float* last, float* states, int64_t stride) {
   constexpr int N = NV * 8;
   __m256 h[NV], av[NV];
   for (int v = 0; v < NV; ++v) {
@@ -33,14 +38,14 @@ void forward_row(const float* u, const float* dt, const float* a, const float* B
   for (int64_t t = 0; t < L; ++t) {
     if (states && t % chunk == 0)
       for (int v = 0; v < NV; ++v) _mm256_storeu_ps(states + (t / chunk) * stride + 8 * v, h[v]);
-    const __m256 dt8 = _mm256_set1_ps(dt[t]), du8 = _mm256_set1_ps(dt[t] * u[t]);
+    const __m256 dt8 = _mm256_set1_ps(dt[t * ts]), du8 = _mm256_set1_ps(dt[t * ts] * u[t * ts]);
     __m256 acc = _mm256_setzero_ps();
     for (int v = 0; v < NV; ++v) {
       const __m256 dA = exp8(_mm256_mul_ps(dt8, av[v]));
       h[v] = _mm256_fmadd_ps(dA, h[v], _mm256_mul_ps(du8, _mm256_loadu_ps(Bb + t * N + 8 * v)));
       acc = _mm256_fmadd_ps(h[v], _mm256_loadu_ps(Cb + t * N + 8 * v), acc);
     }
-    y[t] = hsum8(acc);
+    y[t * ts] = hsum8(acc);
   }
   for (int v = 0; v < NV; ++v) _mm256_storeu_ps(last + 8 * v, h[v]);
 }
@@ -48,7 +53,8 @@ void forward_row(const float* u, const float* dt, const float* a, const float* B
 // One row of the backward (see selective_scan_cpu_bwd): per chunk, the states recomputed into hs/dAs (L1),
 // then the adjoint in reverse time with G's carry (`next`) and the row's dA gradient in registers.
 template <int NV>
-void backward_row(const float* u, const float* dt, const float* a, const float* Bb, const float* Cb, const float* gy,
+void backward_row(const float* u, const float* dt, int64_t ts, const float* a, const float* Bb, const float* Cb,
+                  const float* gy,
                   const float* glast, const float* states, int64_t stride, int64_t L, int64_t chunk, float* hs,
                   float* dAs, float* sGB, float* gdtA, float* gA, float* gB, float* gC, float* gh0) {
   constexpr int N = NV * 8;
@@ -63,7 +69,7 @@ void backward_row(const float* u, const float* dt, const float* a, const float* 
     // hs[0] = the state before the chunk, hs[1 + i] = h_{s+i}; dAs[i] = exp(dt_{s+i} A)
     std::memcpy(hs, states + c * stride, N * sizeof(float));
     for (int64_t i = 0; i < T; ++i) {
-      const __m256 dt8 = _mm256_set1_ps(dt[s + i]), du8 = _mm256_set1_ps(dt[s + i] * u[s + i]);
+      const __m256 dt8 = _mm256_set1_ps(dt[(s + i) * ts]), du8 = _mm256_set1_ps(dt[(s + i) * ts] * u[(s + i) * ts]);
       for (int v = 0; v < NV; ++v) {
         const __m256 dA = exp8(_mm256_mul_ps(dt8, av[v]));
         const __m256 hv = _mm256_fmadd_ps(dA, _mm256_loadu_ps(hs + i * N + 8 * v),
@@ -74,7 +80,8 @@ void backward_row(const float* u, const float* dt, const float* a, const float* 
     }
     for (int64_t i = T - 1; i >= 0; --i) {
       const int64_t t = s + i;
-      const __m256 gy8 = _mm256_set1_ps(gy[t]), dtu8 = _mm256_set1_ps(dt[t] * u[t]), dt8 = _mm256_set1_ps(dt[t]);
+      const __m256 gy8 = _mm256_set1_ps(gy[t * ts]), dtu8 = _mm256_set1_ps(dt[t * ts] * u[t * ts]),
+                   dt8 = _mm256_set1_ps(dt[t * ts]);
       __m256 sgb = _mm256_setzero_ps(), gda = _mm256_setzero_ps();
       for (int v = 0; v < NV; ++v) {
         const int64_t o = t * N + 8 * v;
@@ -88,8 +95,8 @@ void backward_row(const float* u, const float* dt, const float* a, const float* 
         gAv[v] = _mm256_fmadd_ps(X, dt8, gAv[v]);
         next[v] = _mm256_mul_ps(dA, G);
       }
-      sGB[t] = hsum8(sgb);
-      gdtA[t] = hsum8(gda);
+      sGB[t * ts] = hsum8(sgb);
+      gdtA[t * ts] = hsum8(gda);
     }
   }
   for (int v = 0; v < NV; ++v) {
@@ -125,11 +132,17 @@ void for_row_pieces(int64_t rows, int64_t pieces, const F& f) {
 
 int64_t pieces_for(int64_t rows) { return std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads())); }
 
+// u's layout: (b, d, l) channel-major or a view of time-major (b, l, d) memory (dense either way)
+bool dense_layout(const at::Tensor& u) { return u.is_contiguous() || u.transpose(1, 2).is_contiguous(); }
+
 void check_inputs(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& Bm,
                   const at::Tensor& Cm) {
   for (const at::Tensor* t : {&u, &dt, &A, &Bm, &Cm})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu(),
-                "selective_scan_cpu: fp32 contiguous CPU tensors expected");
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->device().is_cpu(), "selective_scan_cpu: fp32 CPU tensors expected");
+  for (const at::Tensor* t : {&A, &Bm, &Cm})
+    TORCH_CHECK(t->is_contiguous(), "selective_scan_cpu: A, B and C must be contiguous");
+  TORCH_CHECK(u.dim() == 3 && dense_layout(u) && dt.strides() == u.strides(),
+              "selective_scan_cpu: u and dt must share one dense (b, d, l) or time-major layout");
   TORCH_CHECK(u.dim() == 3 && dt.sizes() == u.sizes() && A.dim() == 2 && A.size(0) == u.size(1) && Bm.dim() == 3 &&
                   Bm.size(0) == u.size(0) && Bm.size(1) == u.size(2) && Bm.size(2) == A.size(1) && Cm.sizes() == Bm.sizes(),
               "selective_scan_cpu: expected u, dt (b, d, l), A (d, n), B, C (b, l, n)");
@@ -144,7 +157,8 @@ std::vector<at::Tensor> selective_scan_cpu_fwd(const at::Tensor& u, const at::Te
   TORCH_CHECK(chunk >= 1, "selective_scan_cpu: chunk >= 1");
   const int64_t Bn = u.size(0), D = u.size(1), L = u.size(2), N = A.size(1), rows = Bn * D;
   const int64_t chunks = (L + chunk - 1) / chunk;
-  at::Tensor y = at::empty({Bn, D, L}, u.options());
+  at::Tensor y = at::empty_strided(u.sizes(), u.strides(), u.options());  // u's layout
+  const int64_t sb = u.stride(0), sd = u.stride(1), ts = u.stride(2);
   at::Tensor last = at::empty({Bn, D, N}, u.options());
   at::Tensor states = keep_states ? at::empty({chunks, Bn, D, N}, u.options()) : at::empty({0}, u.options());
   const float* h0p = h0.has_value() ? h0->data_ptr<float>() : nullptr;
@@ -155,8 +169,9 @@ std::vector<at::Tensor> selective_scan_cpu_fwd(const at::Tensor& u, const at::Te
     for_row_pieces(rows, pieces_for(rows), [&](int64_t, int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / D, d = r % D;
-        forward_row<decltype(nv)::value>(up + r * L, dtp + r * L, Ap + d * N, Bp + b * L * N, Cp + b * L * N,
-                                         h0p ? h0p + r * N : nullptr, L, chunk, yp + r * L, lastp + r * N,
+        const int64_t o = b * sb + d * sd;
+        forward_row<decltype(nv)::value>(up + o, dtp + o, ts, Ap + d * N, Bp + b * L * N, Cp + b * L * N,
+                                         h0p ? h0p + r * N : nullptr, L, chunk, yp + o, lastp + r * N,
                                          sp ? sp + r * N : nullptr, rows * N);
       }
     });
@@ -176,14 +191,16 @@ std::vector<at::Tensor> selective_scan_cpu_bwd(const at::Tensor& u, const at::Te
                                                const at::Tensor& gy_, const std::optional<at::Tensor>& glast,
                                                int64_t chunk) {
   check_inputs(u, dt, A, Bm, Cm);
-  const at::Tensor gy = gy_.contiguous();
+  const at::Tensor gy = gy_.strides() == u.strides() ? gy_ : at::empty_strided(u.sizes(), u.strides(), u.options()).copy_(gy_);
   TORCH_CHECK(gy.scalar_type() == at::kFloat && gy.sizes() == u.sizes(), "selective_scan_cpu: gy like u");
   const int64_t Bn = u.size(0), D = u.size(1), L = u.size(2), N = A.size(1), rows = Bn * D;
   const int64_t chunks = (L + chunk - 1) / chunk;
   TORCH_CHECK(states.is_contiguous() && states.dim() == 4 && states.size(0) == chunks,
               "selective_scan_cpu: states from the forward with the same chunk expected");
   const int64_t pieces = pieces_for(rows);
-  at::Tensor sGB = at::empty({Bn, D, L}, u.options()), gdtA = at::empty({Bn, D, L}, u.options());
+  at::Tensor sGB = at::empty_strided(u.sizes(), u.strides(), u.options());  // u's layout
+  at::Tensor gdtA = at::empty_strided(u.sizes(), u.strides(), u.options());
+  const int64_t sb = u.stride(0), sd = u.stride(1), ts = u.stride(2);
   at::Tensor gh0 = at::empty({Bn, D, N}, u.options());
   // sums over channels (gB, gC) and sequences (gA): one partial a piece, added up after
   at::Tensor gBp = at::zeros({pieces, Bn, L, N}, u.options()), gCp = at::zeros({pieces, Bn, L, N}, u.options());
@@ -201,14 +218,164 @@ std::vector<at::Tensor> selective_scan_cpu_bwd(const at::Tensor& u, const at::Te
       float* gA_piece = gAp.data_ptr<float>() + p * D * N;
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / D, d = r % D;
-        backward_row<decltype(nv)::value>(up + r * L, dtp + r * L, Ap + d * N, Bp + b * L * N, Cp + b * L * N,
-                                          gyp + r * L, glp ? glp + r * N : nullptr, sp + r * N, rows * N, L, chunk,
-                                          hs.data(), dAs.data(), sGBp + r * L, gdtAp + r * L, gA_piece + d * N,
+        const int64_t o = b * sb + d * sd;
+        backward_row<decltype(nv)::value>(up + o, dtp + o, ts, Ap + d * N, Bp + b * L * N, Cp + b * L * N,
+                                          gyp + o, glp ? glp + r * N : nullptr, sp + r * N, rows * N, L, chunk,
+                                          hs.data(), dAs.data(), sGBp + o, gdtAp + o, gA_piece + d * N,
                                           gB_piece + b * L * N, gC_piece + b * L * N, gh0p + r * N);
       }
     });
   });
   return {sGB, gdtA, gAp.sum(0), gBp.sum(0), gCp.sum(0), gh0};
+}
+
+
+// ------------------------------------------------------------------------ causal depthwise conv + SiLU
+// out[b, t, c] = silu(bias[c] + sum_k w[c, k] x[b, t - (K - 1) + k, c]), x = 0 before t = 0: F.conv1d with
+// groups = channels and K - 1 zeros of left padding, on time-major activations. x: (b, l, c) with channels
+// contiguous (rows may be strided: Mamba's u is half of in_proj's output rows). K <= 8.
+// Threads own blocks of channels over the whole batch, so the weight and bias gradients are summed in one
+// fixed order (b, then t from the end) whatever the number of threads.
+
+constexpr int kMaxConvWidth = 8;
+
+inline __m256i lane_mask(int64_t n) {  // the first n (< 8) lanes on
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+struct Lanes {  // 8 channels, or the last n < 8 of them through masked loads and stores
+  __m256i mask;
+  bool full;
+  __m256 load(const float* p) const { return full ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask); }
+  void store(float* p, __m256 v) const { full ? _mm256_storeu_ps(p, v) : _mm256_maskstore_ps(p, mask, v); }
+};
+
+inline __m256 sigmoid8(__m256 p) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), p))));
+}
+
+void check_conv(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.device().is_cpu() &&
+                  w.device().is_cpu(), "causal_conv1d_cpu: fp32 CPU tensors expected");
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.stride(1) >= x.size(2) && x.stride(0) >= x.size(1) * x.stride(1),
+              "causal_conv1d_cpu: x must be (b, l, c) with contiguous channels");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(0) == x.size(2) && w.size(1) >= 1 &&
+                  w.size(1) <= kMaxConvWidth, "causal_conv1d_cpu: w must be (c, k) with k <= 8, contiguous");
+  if (bias.has_value())
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == x.size(2),
+                "causal_conv1d_cpu: bias must be (c,) fp32");
+}
+
+// the blocks of 8 channels [0, blocks) in one contiguous piece per thread
+template <typename F>
+void for_channel_blocks(int64_t C, const F& f) {
+  const int64_t blocks = (C + 7) / 8;
+  const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>(blocks, at::get_num_threads()));
+  at::parallel_for(0, pieces, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t blk = blocks * p / pieces; blk < blocks * (p + 1) / pieces; ++blk) {
+        const int64_t c = blk * 8, n = std::min<int64_t>(8, C - c);
+        f(c, Lanes{lane_mask(n), n == 8});
+      }
+  });
+}
+
+// the weights of 8 channels as K vectors (w is (c, k): lane j of wv[k] = w[c + j, k])
+inline void load_conv_weights(const float* w, int64_t K, int64_t c, int64_t n, __m256* wv) {
+  for (int64_t k = 0; k < K; ++k) {
+    alignas(32) float t[8] = {0};
+    for (int64_t j = 0; j < n; ++j) t[j] = w[(c + j) * K + k];
+    wv[k] = _mm256_load_ps(t);
+  }
+}
+
+// the pre-activation at time t of 8 channels: bias + sum_k w_k x[t - (K - 1) + k]
+inline __m256 conv_pre(const float* xb, int64_t sx, int64_t t, int64_t K, const __m256* wv, __m256 b8, const Lanes& ln) {
+  __m256 p = b8;
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t s = t - (K - 1) + k;
+    if (s >= 0) p = _mm256_fmadd_ps(wv[k], ln.load(xb + s * sx), p);
+  }
+  return p;
+}
+
+at::Tensor causal_conv1d_cpu_fwd(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  check_conv(x, w, bias);
+  const int64_t Bn = x.size(0), L = x.size(1), C = x.size(2), K = w.size(1);
+  at::Tensor out = at::empty({Bn, L, C}, x.options());
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *bp = bias ? bias->data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const int64_t sxb = x.stride(0), sxt = x.stride(1);
+  for_channel_blocks(C, [&](int64_t c, const Lanes& ln) {
+    __m256 wv[kMaxConvWidth];
+    load_conv_weights(wp, K, c, std::min<int64_t>(8, C - c), wv);
+    const __m256 b8 = bp ? ln.load(bp + c) : _mm256_setzero_ps();
+    for (int64_t b = 0; b < Bn; ++b) {
+      const float* xb = xp + b * sxb + c;
+      float* ob = op + b * L * C + c;
+      for (int64_t t = 0; t < L; ++t) {
+        const __m256 p = conv_pre(xb, sxt, t, K, wv, b8, ln);
+        ln.store(ob + t * C, _mm256_mul_ps(p, sigmoid8(p)));
+      }
+    }
+  });
+  return out;
+}
+
+// Backward from gout (b, l, c): returns gx (b, l, c) contiguous, gw (c, k), gbias (c,) (empty without a bias).
+// The pre-activations are recomputed from x (K multiply-adds each), not kept from the forward.
+std::vector<at::Tensor> causal_conv1d_cpu_bwd(const at::Tensor& x, const at::Tensor& w,
+                                              const std::optional<at::Tensor>& bias, const at::Tensor& gout_) {
+  check_conv(x, w, bias);
+  const at::Tensor gout = gout_.contiguous();
+  TORCH_CHECK(gout.scalar_type() == at::kFloat && gout.sizes() == x.sizes(), "causal_conv1d_cpu: gout like x");
+  const int64_t Bn = x.size(0), L = x.size(1), C = x.size(2), K = w.size(1);
+  at::Tensor gx = at::empty({Bn, L, C}, x.options()), gw = at::empty({C, K}, x.options());
+  at::Tensor gb = bias ? at::empty({C}, x.options()) : at::empty({0}, x.options());
+  const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>(), *bp = bias ? bias->data_ptr<float>() : nullptr,
+              *gp = gout.data_ptr<float>();
+  float *gxp = gx.data_ptr<float>(), *gwp = gw.data_ptr<float>(), *gbp = bias ? gb.data_ptr<float>() : nullptr;
+  const int64_t sxb = x.stride(0), sxt = x.stride(1);
+  for_channel_blocks(C, [&](int64_t c, const Lanes& ln) {
+    const int64_t n = std::min<int64_t>(8, C - c);
+    const __m256 one = _mm256_set1_ps(1.0f);
+    __m256 wv[kMaxConvWidth], gwv[kMaxConvWidth], win[kMaxConvWidth];
+    load_conv_weights(wp, K, c, n, wv);
+    for (int64_t k = 0; k < K; ++k) gwv[k] = _mm256_setzero_ps();
+    __m256 gbv = _mm256_setzero_ps();
+    const __m256 b8 = bp ? ln.load(bp + c) : _mm256_setzero_ps();
+    for (int64_t b = 0; b < Bn; ++b) {
+      const float* xb = xp + b * sxb + c;
+      const float* gob = gp + b * L * C + c;
+      float* gxb = gxp + b * L * C + c;
+      for (int64_t k = 0; k < K; ++k) win[k] = _mm256_setzero_ps();  // win[j]: the pre-activation grad at t + j
+      for (int64_t t = L - 1; t >= 0; --t) {
+        const __m256 p = conv_pre(xb, sxt, t, K, wv, b8, ln), s = sigmoid8(p);
+        // d silu(p) / dp = s (1 + p (1 - s))
+        const __m256 g = _mm256_mul_ps(ln.load(gob + t * C),
+                                       _mm256_mul_ps(s, _mm256_fmadd_ps(p, _mm256_sub_ps(one, s), one)));
+        for (int64_t j = K - 1; j > 0; --j) win[j] = win[j - 1];
+        win[0] = g;
+        gbv = _mm256_add_ps(gbv, g);
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t s_in = t - (K - 1) + k;
+          if (s_in >= 0) gwv[k] = _mm256_fmadd_ps(g, ln.load(xb + s_in * sxt), gwv[k]);
+        }
+        // x[t] feeds the outputs t .. t + K - 1 through w[K - 1] .. w[0]
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t j = 0; j < K; ++j) acc = _mm256_fmadd_ps(wv[K - 1 - j], win[j], acc);
+        ln.store(gxb + t * C, acc);
+      }
+    }
+    alignas(32) float t8[8];
+    for (int64_t k = 0; k < K; ++k) {
+      _mm256_store_ps(t8, gwv[k]);
+      for (int64_t j = 0; j < n; ++j) gwp[(c + j) * K + k] = t8[j];
+    }
+    if (gbp) ln.store(gbp + c, gbv);
+  });
+  return {gx, gw, gb};
 }
 
 }  // namespace
@@ -218,9 +385,13 @@ TORCH_LIBRARY_FRAGMENT(mom_infer, m) {
         "bool keep_states) -> Tensor[]");
   m.def("selective_scan_cpu_bwd(Tensor u, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor states, Tensor gy, "
         "Tensor? glast, int chunk) -> Tensor[]");
+  m.def("causal_conv1d_cpu_fwd(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("causal_conv1d_cpu_bwd(Tensor x, Tensor w, Tensor? bias, Tensor gout) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(mom_infer, CPU, m) {
   m.impl("selective_scan_cpu_fwd", &selective_scan_cpu_fwd);
   m.impl("selective_scan_cpu_bwd", &selective_scan_cpu_bwd);
+  m.impl("causal_conv1d_cpu_fwd", &causal_conv1d_cpu_fwd);
+  m.impl("causal_conv1d_cpu_bwd", &causal_conv1d_cpu_bwd);
 }
