@@ -108,27 +108,38 @@ def test_cpp_loops_match_torch_loops_and_reference(n, L, chunk, opts):
 
 
 @needs_kernels
+@pytest.mark.parametrize("n", [16, 4])
 @pytest.mark.parametrize("L", [1, 9, 40])
-def test_cpp_loops_take_time_major_views_without_copies(L):
-    """Mamba's CPU activations are (b, d, l) views of time-major (b, l, d) memory: the C++ loops read them and
-    write y and every gradient in that layout, with the values of channel-major copies (to the last bits of
-    torch's elementwise ops around them, whose vector loops round differently in another layout)."""
-    t = make(b=2, d=11, n=16, L=L, seed=L)
+@pytest.mark.parametrize("opts", [dict(h0=True, ret_last=True), dict(h0=False, ret_last=False, D=False, z=False),
+                                  dict(h0=False, ret_last=True, bias=False)], ids=["h0+last", "bare", "no-bias"])
+def test_time_major_cpp_scan_matches_reference(n, L, opts):
+    """Mamba's CPU activations are (b, d, l) views of time-major (b, l, d) memory: the C++ scan then takes them
+    as they are and runs softplus, D and the z gate in its own vector passes (selective_scan_cpu_tm_*). Outputs,
+    last state and every gradient against the reference, and the output's layout (out_proj reads it as it is)."""
+    opts = dict(opts)
+    ret_last = opts.pop("ret_last")
+    softplus = opts.get("bias", True)
+    t = make(b=2, d=11, n=n, L=L, seed=L + n, **opts)
     tm = {k: (v.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
               if v is not None and k in ("u", "delta", "z") else v) for k, v in t.items()}
     assert tm["u"].transpose(1, 2).is_contiguous() and (L == 1 or not tm["u"].is_contiguous())
-    a, b = run(t, "fast", True, True, native=True), run(tm, "fast", True, True, native=True)
-    close = dict(rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(b[0], a[0], **close)
-    torch.testing.assert_close(b[1], a[1], **close)
-    for k in a[2]:
-        torch.testing.assert_close(b[2][k], a[2][k], **close, msg=lambda m, k=k: f"grad {k}: {m}")
+    ref = run(t, "reference", softplus, ret_last)
+    with torch.profiler.profile() as prof:
+        got = run(tm, "fast", softplus, ret_last, native=True, chunk=7)
+    names = {e.name for e in prof.events()}
+    assert {"mom_infer::selective_scan_cpu_tm_fwd", "mom_infer::selective_scan_cpu_tm_bwd"} <= names
+    torch.testing.assert_close(got[0], ref[0], **TOL)
+    if ret_last:
+        torch.testing.assert_close(got[1], ref[1], **TOL)
+    assert got[2].keys() == ref[2].keys()
+    for k in ref[2]:
+        torch.testing.assert_close(got[2][k], ref[2][k], **TOL, msg=lambda m, k=k: f"grad {k}: {m}")
     with torch.no_grad():
         y = scan_mod.selective_scan_fast(tm["u"], tm["delta"], tm["A"], tm["B"], tm["C"], tm["D"], tm["z"],
-                                         tm["delta_bias"], delta_softplus=True, initial_state=tm["initial_state"],
-                                         native=True)
-    assert y.transpose(1, 2).is_contiguous()  # the scan's output keeps the layout: out_proj reads it as it is
-    torch.testing.assert_close(y, a[0], **close)
+                                         tm["delta_bias"], delta_softplus=softplus,
+                                         initial_state=tm["initial_state"], native=True)
+    assert y.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(y, ref[0], **TOL)
 
 
 @needs_kernels

@@ -12,6 +12,9 @@ floor; the compiler uses what the CPU has), and registers the ops ``torch.ops.mo
   measured); the last one serves several weights sharing an input (q/k/v, gate/up) in one parallel pass;
 - ``rms_norm``, ``mamba_conv_step``, ``mamba_ssm_step``: the decode step's small ops fused (one call instead
   of five to fifteen torch ops each);
+- ``selective_scan_cpu_tm_fwd`` / ``_tm_bwd`` and ``causal_conv1d_cpu_fwd`` / ``_bwd`` (``csrc/scan.cpp``): the Mamba
+  mixer's CPU training path on time-major activations (the scan with softplus, D and the z gate fused; the
+  causal conv with its SiLU).
 - ``selective_scan_cpu_fwd`` / ``selective_scan_cpu_bwd`` (``csrc/scan.cpp``): the training scan's forward and
   backward recurrences on the CPU (``mom.model.scan``'s fast path uses them when they are built).
 
@@ -166,6 +169,29 @@ def _register_fakes() -> None:
         b, d, _ = u.shape
         return [torch.empty_like(u), torch.empty_like(u), torch.empty_like(A), torch.empty_like(B),
                 torch.empty_like(C), u.new_empty((b, d, A.shape[1]))]
+
+    @torch.library.register_fake("mom_infer::selective_scan_cpu_tm_fwd")
+    def _(u, delta, delta_bias, A, B, C, D, z, h0, softplus, chunk, keep_states):
+        b, L, d = u.shape
+        states = u.new_empty((-(-L // chunk), b, d, A.shape[1]) if keep_states else (0,))
+        y_pre = u.new_empty((b, L, d) if z is not None else (0,))
+        return [u.new_empty((b, L, d)), u.new_empty((b, d, A.shape[1])), states, u.new_empty((b, L, d)), y_pre]
+
+    @torch.library.register_fake("mom_infer::selective_scan_cpu_tm_bwd")
+    def _(u, dt, A, B, C, D, z, y_pre, states, gout, glast, softplus, has_bias, chunk):
+        b, L, d = u.shape
+        return [u.new_empty((b, L, d)), u.new_empty((b, L, d)), torch.empty_like(A), torch.empty_like(B),
+                torch.empty_like(C), u.new_empty((d,) if D is not None else (0,)),
+                u.new_empty((b, L, d) if z is not None else (0,)), u.new_empty((d,) if has_bias else (0,)),
+                u.new_empty((b, d, A.shape[1]))]
+
+    @torch.library.register_fake("mom_infer::causal_conv1d_cpu_fwd")
+    def _(x, w, bias):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("mom_infer::causal_conv1d_cpu_bwd")
+    def _(x, w, bias, gout):
+        return [x.new_empty(x.shape), torch.empty_like(w), x.new_empty((x.shape[2],) if bias is not None else (0,))]
 
     _FAKES_DONE = True
 

@@ -213,6 +213,16 @@ def _like(x, ref):
     return x if x.stride() == ref.stride() else torch.empty_strided(ref.shape, ref.stride(), dtype=_F32).copy_(x)
 
 
+def _channels_last(*xs):
+    """Whether every given (b, d, l) tensor is a view of (b, l, d) memory with contiguous channels (Mamba's CPU
+    activations): the C++ time-major scan then runs the epilogues around the recurrence too."""
+    return all(x is None or x.transpose(1, 2).stride(2) == 1 for x in xs)
+
+
+def _vec(x):
+    return x.to(_F32).contiguous() if x is not None else None
+
+
 def _lanes(t, n8):
     """fp32, contiguous, the last dim zero-padded to n8 (the C++ scan keeps whole vectors of 8 state lanes;
     a zero lane of A, B, C and the initial state stays zero and adds nothing)."""
@@ -329,6 +339,21 @@ class _SelectiveScanFn(torch.autograd.Function):
             _, dt = _dt(delta, delta_bias, delta_softplus)
             h = initial_state.to(_acc(initial_state)) if initial_state is not None else None
             keep = any(ctx.needs_input_grad)
+            ctx.time_major = native and _channels_last(u, delta, z)
+            if ctx.time_major:  # C++ with softplus, D and the z gate fused (csrc/scan.cpp, time-major)
+                n, n8 = A.shape[1], -(-A.shape[1] // 8) * 8
+                out, last, st, dt, y_pre = torch.ops.mom_infer.selective_scan_cpu_tm_fwd(
+                    u.to(_F32).transpose(1, 2), delta.to(_F32).transpose(1, 2), _vec(delta_bias), _lanes(A, n8),
+                    _lanes(B.transpose(1, 2), n8), _lanes(C.transpose(1, 2), n8), _vec(D),
+                    z.to(_F32).transpose(1, 2) if z is not None else None, _lanes(h, n8), bool(delta_softplus),
+                    chunk, keep)
+                ctx.save_for_backward(u, dt if keep else None, A, B, C, D, z, delta_bias, st if keep else None,
+                                      y_pre if z is not None and keep else None)
+                ctx.has_h0 = initial_state is not None
+                ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
+                ctx.delta_softplus, ctx.chunk, ctx.delta_dtype = delta_softplus, chunk, delta.dtype
+                ctx.set_materialize_grads(False)
+                return out.transpose(1, 2).to(u.dtype), (last[..., :n] if n8 != n else last)
             if native:  # the same recurrence in C++ (csrc/scan.cpp); B and C time-major per sequence
                 n, n8 = A.shape[1], -(-A.shape[1] // 8) * 8
                 uf = _dense(u)
@@ -356,6 +381,8 @@ class _SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, glast):
+        if ctx.time_major:
+            return _SelectiveScanFn._backward_time_major(ctx, gy, glast)
         u, delta, A, B, C, D, z, delta_bias, st, y_pre = ctx.saved_tensors
         need = ctx.needs_input_grad  # u, delta, A, B, C, D, z, delta_bias, initial_state, ...
         with _no_autocast(u.device.type):
@@ -422,6 +449,31 @@ class _SelectiveScanFn(torch.autograd.Function):
             if gz is not None:
                 gz = gz.to(z.dtype)
         return gu, gdelta, gA, gB, gC, gD, gz, gbias, gh0, None, None, None, None
+
+    @staticmethod
+    def _backward_time_major(ctx, gy, glast):
+        u, dt, A, B, C, D, z, delta_bias, st, y_pre = ctx.saved_tensors
+        b, d, L = u.shape
+        n, n8 = A.shape[1], -(-A.shape[1] // 8) * 8
+        if gy is None:
+            gy = u.new_zeros((b, d, L), dtype=_F32)
+        with _no_autocast(u.device.type):
+            gu, gdelta, gA, gB, gC, gD, gz, gbias, gh0 = torch.ops.mom_infer.selective_scan_cpu_tm_bwd(
+                u.to(_F32).transpose(1, 2), dt, _lanes(A, n8), _lanes(B.transpose(1, 2), n8),
+                _lanes(C.transpose(1, 2), n8), _vec(D), z.to(_F32).transpose(1, 2) if z is not None else None, y_pre,
+                st, gy.to(_F32).transpose(1, 2), _lanes(glast, n8), bool(ctx.delta_softplus), delta_bias is not None,
+                ctx.chunk)
+        need = ctx.needs_input_grad
+        return (gu.transpose(1, 2).to(u.dtype) if need[0] else None,
+                gdelta.transpose(1, 2).to(ctx.delta_dtype) if need[1] else None,
+                gA[:, :n].to(A.dtype) if need[2] else None,
+                gB[..., :n].transpose(1, 2).to(B.dtype).contiguous() if need[3] else None,
+                gC[..., :n].transpose(1, 2).to(C.dtype).contiguous() if need[4] else None,
+                gD.to(D.dtype) if need[5] and D is not None else None,
+                gz.transpose(1, 2).to(z.dtype) if need[6] and z is not None else None,
+                gbias.to(delta_bias.dtype) if need[7] and delta_bias is not None else None,
+                gh0[..., :n].to(ctx.h0_dtype, copy=True) if need[8] and ctx.has_h0 else None,
+                None, None, None, None)
 
 
 def selective_scan_fast(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,

@@ -27,8 +27,9 @@ using namespace mom_kernels;
 // One (sequence, channel) row of the forward: NV vectors of 8 state lanes kept in registers over all steps.
 // y[t] = <h_t, C_t>; states (when given) receives the state before every chunk, at stride `stride`.
 template <int NV>
-void forward_row(const float* u, const float* dt, int64_t ts, const float* a, const float* Bb, const float* Cb,
-                 const float* h0, int64_t L, int64_t chunk, float* y, float* last, float* states, int64_t stride) {
+void forward_row(const float* u, int64_t us, const float* dt, int64_t ds, const float* a, const float* Bb,
+                 const float* Cb, const float* h0, int64_t L, int64_t chunk, float* y, int64_t ys, float* last,
+                 float* states, int64_t stride) {
   constexpr int N = NV * 8;
   __m256 h[NV], av[NV];
   for (int v = 0; v < NV; ++v) {
@@ -38,14 +39,14 @@ void forward_row(const float* u, const float* dt, int64_t ts, const float* a, co
   for (int64_t t = 0; t < L; ++t) {
     if (states && t % chunk == 0)
       for (int v = 0; v < NV; ++v) _mm256_storeu_ps(states + (t / chunk) * stride + 8 * v, h[v]);
-    const __m256 dt8 = _mm256_set1_ps(dt[t * ts]), du8 = _mm256_set1_ps(dt[t * ts] * u[t * ts]);
+    const __m256 dt8 = _mm256_set1_ps(dt[t * ds]), du8 = _mm256_set1_ps(dt[t * ds] * u[t * us]);
     __m256 acc = _mm256_setzero_ps();
     for (int v = 0; v < NV; ++v) {
       const __m256 dA = exp8(_mm256_mul_ps(dt8, av[v]));
       h[v] = _mm256_fmadd_ps(dA, h[v], _mm256_mul_ps(du8, _mm256_loadu_ps(Bb + t * N + 8 * v)));
       acc = _mm256_fmadd_ps(h[v], _mm256_loadu_ps(Cb + t * N + 8 * v), acc);
     }
-    y[t * ts] = hsum8(acc);
+    y[t * ys] = hsum8(acc);
   }
   for (int v = 0; v < NV; ++v) _mm256_storeu_ps(last + 8 * v, h[v]);
 }
@@ -53,8 +54,8 @@ void forward_row(const float* u, const float* dt, int64_t ts, const float* a, co
 // One row of the backward (see selective_scan_cpu_bwd): per chunk, the states recomputed into hs/dAs (L1),
 // then the adjoint in reverse time with G's carry (`next`) and the row's dA gradient in registers.
 template <int NV>
-void backward_row(const float* u, const float* dt, int64_t ts, const float* a, const float* Bb, const float* Cb,
-                  const float* gy,
+void backward_row(const float* u, int64_t us, const float* dt, int64_t ds, const float* gy, int64_t gs, const float* a,
+                  const float* Bb, const float* Cb,
                   const float* glast, const float* states, int64_t stride, int64_t L, int64_t chunk, float* hs,
                   float* dAs, float* sGB, float* gdtA, float* gA, float* gB, float* gC, float* gh0) {
   constexpr int N = NV * 8;
@@ -69,7 +70,7 @@ void backward_row(const float* u, const float* dt, int64_t ts, const float* a, c
     // hs[0] = the state before the chunk, hs[1 + i] = h_{s+i}; dAs[i] = exp(dt_{s+i} A)
     std::memcpy(hs, states + c * stride, N * sizeof(float));
     for (int64_t i = 0; i < T; ++i) {
-      const __m256 dt8 = _mm256_set1_ps(dt[(s + i) * ts]), du8 = _mm256_set1_ps(dt[(s + i) * ts] * u[(s + i) * ts]);
+      const __m256 dt8 = _mm256_set1_ps(dt[(s + i) * ds]), du8 = _mm256_set1_ps(dt[(s + i) * ds] * u[(s + i) * us]);
       for (int v = 0; v < NV; ++v) {
         const __m256 dA = exp8(_mm256_mul_ps(dt8, av[v]));
         const __m256 hv = _mm256_fmadd_ps(dA, _mm256_loadu_ps(hs + i * N + 8 * v),
@@ -80,8 +81,8 @@ void backward_row(const float* u, const float* dt, int64_t ts, const float* a, c
     }
     for (int64_t i = T - 1; i >= 0; --i) {
       const int64_t t = s + i;
-      const __m256 gy8 = _mm256_set1_ps(gy[t * ts]), dtu8 = _mm256_set1_ps(dt[t * ts] * u[t * ts]),
-                   dt8 = _mm256_set1_ps(dt[t * ts]);
+      const __m256 gy8 = _mm256_set1_ps(gy[t * gs]), dtu8 = _mm256_set1_ps(dt[t * ds] * u[t * us]),
+                   dt8 = _mm256_set1_ps(dt[t * ds]);
       __m256 sgb = _mm256_setzero_ps(), gda = _mm256_setzero_ps();
       for (int v = 0; v < NV; ++v) {
         const int64_t o = t * N + 8 * v;
@@ -95,8 +96,8 @@ void backward_row(const float* u, const float* dt, int64_t ts, const float* a, c
         gAv[v] = _mm256_fmadd_ps(X, dt8, gAv[v]);
         next[v] = _mm256_mul_ps(dA, G);
       }
-      sGB[t * ts] = hsum8(sgb);
-      gdtA[t * ts] = hsum8(gda);
+      sGB[t * ds] = hsum8(sgb);  // sGB and gdtA in dt's layout
+      gdtA[t * ds] = hsum8(gda);
     }
   }
   for (int v = 0; v < NV; ++v) {
@@ -170,8 +171,8 @@ std::vector<at::Tensor> selective_scan_cpu_fwd(const at::Tensor& u, const at::Te
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / D, d = r % D;
         const int64_t o = b * sb + d * sd;
-        forward_row<decltype(nv)::value>(up + o, dtp + o, ts, Ap + d * N, Bp + b * L * N, Cp + b * L * N,
-                                         h0p ? h0p + r * N : nullptr, L, chunk, yp + o, lastp + r * N,
+        forward_row<decltype(nv)::value>(up + o, ts, dtp + o, ts, Ap + d * N, Bp + b * L * N, Cp + b * L * N,
+                                         h0p ? h0p + r * N : nullptr, L, chunk, yp + o, ts, lastp + r * N,
                                          sp ? sp + r * N : nullptr, rows * N);
       }
     });
@@ -219,8 +220,8 @@ std::vector<at::Tensor> selective_scan_cpu_bwd(const at::Tensor& u, const at::Te
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / D, d = r % D;
         const int64_t o = b * sb + d * sd;
-        backward_row<decltype(nv)::value>(up + o, dtp + o, ts, Ap + d * N, Bp + b * L * N, Cp + b * L * N,
-                                          gyp + o, glp ? glp + r * N : nullptr, sp + r * N, rows * N, L, chunk,
+        backward_row<decltype(nv)::value>(up + o, ts, dtp + o, ts, gyp + o, ts, Ap + d * N, Bp + b * L * N,
+                                          Cp + b * L * N, glp ? glp + r * N : nullptr, sp + r * N, rows * N, L, chunk,
                                           hs.data(), dAs.data(), sGBp + o, gdtAp + o, gA_piece + d * N,
                                           gB_piece + b * L * N, gC_piece + b * L * N, gh0p + r * N);
       }
@@ -378,6 +379,197 @@ std::vector<at::Tensor> causal_conv1d_cpu_bwd(const at::Tensor& x, const at::Ten
   return {gx, gw, gb};
 }
 
+// ------------------------------------------------------------------------ time-major scan with its epilogues
+// Mamba's CPU training path: u, delta, z are (b, l, d) with channels contiguous (views of in_proj's and the
+// conv's rows), and what the scan does around the recurrence runs here in one vectorised pass each, 8 channels
+// at a time, instead of a dozen torch ops over the whole activation:
+//   before: dt = softplus(delta + bias)                         (kept for the backward)
+//   after:  y_pre = <h_t, C_t> + D u,  out = y_pre * silu(z)    (y_pre kept when there is a z)
+// The backward's passes: gy = gout * silu(z), gz, gD before the adjoint recurrence; gu, gdelta, gbias after.
+// softplus'(pre) = sigmoid(pre) = 1 - exp(-dt): no pre-activation kept. Per-channel sums (gD, gbias) are owned by
+// one thread each (blocks of channels), in a fixed order.
+
+// the (b, l) rows of a time-major (b, l, d) tensor with contiguous channels and rows at stride rs
+struct TimeMajor {
+  float* p;
+  int64_t sb, st;
+  float* at(int64_t b, int64_t t, int64_t c) const { return p + b * sb + t * st + c; }
+};
+
+inline TimeMajor tm_of(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3 && x.stride(2) == 1,
+              "selective_scan_cpu_tm: fp32 (b, l, d) tensors with contiguous channels expected");
+  return {x.data_ptr<float>(), x.stride(0), x.stride(1)};
+}
+
+inline __m256 silu8(__m256 v) { return _mm256_mul_ps(v, sigmoid8(v)); }
+
+// Forward. u, delta, z: (b, l, d), channels contiguous; A (d, n); B, C (b, l, n) contiguous. Returns
+// [out (b, l, d), last (b, d, n), states, dt (b, l, d), y_pre (b, l, d), empty without z].
+std::vector<at::Tensor> selective_scan_cpu_tm_fwd(const at::Tensor& u, const at::Tensor& delta,
+                                                  const std::optional<at::Tensor>& delta_bias, const at::Tensor& A,
+                                                  const at::Tensor& Bm, const at::Tensor& Cm,
+                                                  const std::optional<at::Tensor>& Dv, const std::optional<at::Tensor>& z,
+                                                  const std::optional<at::Tensor>& h0, bool softplus, int64_t chunk,
+                                                  bool keep_states) {
+  const TimeMajor U = tm_of(u), DL = tm_of(delta);
+  const int64_t Bn = u.size(0), L = u.size(1), D = u.size(2), N = A.size(1), rows = Bn * D;
+  TORCH_CHECK(delta.sizes() == u.sizes() && (!z || z->sizes() == u.sizes()), "selective_scan_cpu_tm: delta, z like u");
+  TORCH_CHECK(A.is_contiguous() && Bm.is_contiguous() && Cm.is_contiguous() && A.size(0) == D && Bm.size(0) == Bn &&
+                  Bm.size(1) == L && Bm.size(2) == N && Cm.sizes() == Bm.sizes() && N % 8 == 0 && N <= 64,
+              "selective_scan_cpu_tm: A (d, n), B, C (b, l, n) contiguous, n a multiple of 8 up to 64");
+  TORCH_CHECK(chunk >= 1, "selective_scan_cpu_tm: chunk >= 1");
+  for (const auto* t : {&delta_bias, &Dv})
+    if (t->has_value()) TORCH_CHECK((*t)->is_contiguous() && (*t)->numel() == D, "selective_scan_cpu_tm: (d,) vectors");
+  const auto opts = u.options();
+  at::Tensor dt = at::empty({Bn, L, D}, opts), y = at::empty({Bn, L, D}, opts);
+  at::Tensor last = at::empty({Bn, D, N}, opts);
+  const int64_t chunks = (L + chunk - 1) / chunk;
+  at::Tensor states = keep_states ? at::empty({chunks, Bn, D, N}, opts) : at::empty({0}, opts);
+  const float* bias = delta_bias ? delta_bias->data_ptr<float>() : nullptr;
+  float* dtp = dt.data_ptr<float>();
+  for_channel_blocks(D, [&](int64_t c, const Lanes& ln) {  // dt = softplus(delta + bias)
+    const __m256 b8 = bias ? ln.load(bias + c) : _mm256_setzero_ps();
+    for (int64_t b = 0; b < Bn; ++b)
+      for (int64_t t = 0; t < L; ++t) {
+        const __m256 p = _mm256_add_ps(ln.load(DL.at(b, t, c)), b8);
+        ln.store(dtp + (b * L + t) * D + c, softplus ? softplus8(p) : p);
+      }
+  });
+  const float *Ap = A.data_ptr<float>(), *Bp = Bm.data_ptr<float>(), *Cp = Cm.data_ptr<float>();
+  const float* h0p = h0 ? h0->data_ptr<float>() : nullptr;
+  float *yp = y.data_ptr<float>(), *lastp = last.data_ptr<float>(), *sp = keep_states ? states.data_ptr<float>() : nullptr;
+  TORCH_CHECK(!h0 || (h0->is_contiguous() && h0->numel() == rows * N), "selective_scan_cpu_tm: h0 (b, d, n)");
+  with_lanes(N, [&](auto nv) {
+    for_row_pieces(rows, pieces_for(rows), [&](int64_t, int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / D, d = r % D;
+        // u may have its own row stride (a view of in_proj's rows): read it at U's strides, dt and y at D
+        forward_row<decltype(nv)::value>(U.at(b, 0, d), U.st, dtp + b * L * D + d, D, Ap + d * N, Bp + b * L * N,
+                                         Cp + b * L * N, h0p ? h0p + r * N : nullptr, L, chunk, yp + b * L * D + d, D,
+                                         lastp + r * N, sp ? sp + r * N : nullptr, rows * N);
+      }
+    });
+  });
+  at::Tensor y_pre = z ? at::empty({Bn, L, D}, opts) : at::empty({0}, opts);
+  at::Tensor out = z ? at::empty({Bn, L, D}, opts) : y;
+  const float* Dp = Dv ? Dv->data_ptr<float>() : nullptr;
+  const TimeMajor Z = z ? tm_of(*z) : TimeMajor{nullptr, 0, 0};
+  float *outp = out.data_ptr<float>(), *ypp = z ? y_pre.data_ptr<float>() : nullptr;
+  if (Dp || z)
+    for_channel_blocks(D, [&](int64_t c, const Lanes& ln) {  // y_pre = y + D u; out = y_pre silu(z)
+      const __m256 d8 = Dp ? ln.load(Dp + c) : _mm256_setzero_ps();
+      for (int64_t b = 0; b < Bn; ++b)
+        for (int64_t t = 0; t < L; ++t) {
+          const int64_t o = (b * L + t) * D + c;
+          __m256 v = ln.load(yp + o);
+          if (Dp) v = _mm256_fmadd_ps(d8, ln.load(U.at(b, t, c)), v);
+          if (z) {
+            ln.store(ypp + o, v);
+            v = _mm256_mul_ps(v, silu8(ln.load(Z.at(b, t, c))));
+          }
+          ln.store(outp + o, v);
+        }
+    });
+  return {out, last, states, dt, y_pre};
+}
+
+// Backward of selective_scan_cpu_tm_fwd from gout (b, l, d) and glast (b, d, n, optional). Returns
+// [gu, gdelta (b, l, d), gA (d, n), gB, gC (b, l, n), gD (d) or empty, gz (b, l, d) or empty, gbias (d) or
+// empty, gh0 (b, d, n)].
+std::vector<at::Tensor> selective_scan_cpu_tm_bwd(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& A,
+                                                  const at::Tensor& Bm, const at::Tensor& Cm,
+                                                  const std::optional<at::Tensor>& Dv, const std::optional<at::Tensor>& z,
+                                                  const std::optional<at::Tensor>& y_pre, const at::Tensor& states,
+                                                  const at::Tensor& gout_, const std::optional<at::Tensor>& glast,
+                                                  bool softplus, bool has_bias, int64_t chunk) {
+  const TimeMajor U = tm_of(u);
+  const at::Tensor gout = gout_.stride(2) == 1 ? gout_ : gout_.contiguous();
+  const TimeMajor G = tm_of(gout);
+  const int64_t Bn = u.size(0), L = u.size(1), D = u.size(2), N = A.size(1), rows = Bn * D;
+  TORCH_CHECK(dt.is_contiguous() && dt.sizes() == u.sizes() && gout.sizes() == u.sizes() && (!z || y_pre),
+              "selective_scan_cpu_tm: dt (b, l, d) from the forward, gout like u, y_pre with z");
+  const int64_t chunks = (L + chunk - 1) / chunk;
+  TORCH_CHECK(states.is_contiguous() && states.dim() == 4 && states.size(0) == chunks,
+              "selective_scan_cpu_tm: states from the forward with the same chunk expected");
+  const auto opts = u.options();
+  const float* Dp = Dv ? Dv->data_ptr<float>() : nullptr;
+  const TimeMajor Z = z ? tm_of(*z) : TimeMajor{nullptr, 0, 0};
+  const float* ypp = z ? y_pre->data_ptr<float>() : nullptr;
+  // before the recurrence: gy = gout silu(z) (the gradient of y_pre), gz, gD = sum gy u
+  at::Tensor gy = z ? at::empty({Bn, L, D}, opts) : gout;
+  at::Tensor gz = z ? at::empty({Bn, L, D}, opts) : at::empty({0}, opts);
+  at::Tensor gD = Dp ? at::empty({D}, opts) : at::empty({0}, opts);
+  const TimeMajor GY = tm_of(gy);
+  float *gzp = z ? gz.data_ptr<float>() : nullptr, *gDp = Dp ? gD.data_ptr<float>() : nullptr;
+  const __m256 one = _mm256_set1_ps(1.0f);
+  if (z || Dp)
+    for_channel_blocks(D, [&](int64_t c, const Lanes& ln) {
+      __m256 gd = _mm256_setzero_ps();
+      for (int64_t b = 0; b < Bn; ++b)
+        for (int64_t t = 0; t < L; ++t) {
+          __m256 g = ln.load(G.at(b, t, c));
+          if (z) {
+            const int64_t o = (b * L + t) * D + c;
+            const __m256 zv = ln.load(Z.at(b, t, c)), s = sigmoid8(zv);
+            // d silu(z) / dz = s (1 + z (1 - s))
+            const __m256 dsilu = _mm256_mul_ps(s, _mm256_fmadd_ps(zv, _mm256_sub_ps(one, s), one));
+            ln.store(gzp + o, _mm256_mul_ps(_mm256_mul_ps(g, ln.load(ypp + o)), dsilu));
+            g = _mm256_mul_ps(g, _mm256_mul_ps(zv, s));
+            ln.store(GY.at(b, t, c), g);
+          }
+          if (Dp) gd = _mm256_fmadd_ps(g, ln.load(U.at(b, t, c)), gd);
+        }
+      if (Dp) ln.store(gDp + c, gd);
+    });
+  // the adjoint recurrence: sGB = sum_n G B, gdtA = sum_n G dA h A, and gA, gB, gC, gh0
+  const int64_t pieces = pieces_for(rows);
+  at::Tensor sGB = at::empty({Bn, L, D}, opts), gdtA = at::empty({Bn, L, D}, opts), gh0 = at::empty({Bn, D, N}, opts);
+  at::Tensor gBp = at::zeros({pieces, Bn, L, N}, opts), gCp = at::zeros({pieces, Bn, L, N}, opts);
+  at::Tensor gAp = at::zeros({pieces, D, N}, opts);
+  const float* glp = glast ? glast->data_ptr<float>() : nullptr;
+  const float *dtp = dt.data_ptr<float>(), *Ap = A.data_ptr<float>(), *Bp = Bm.data_ptr<float>(),
+              *Cp = Cm.data_ptr<float>(), *sp = states.data_ptr<float>();
+  float *sGBp = sGB.data_ptr<float>(), *gdtAp = gdtA.data_ptr<float>(), *gh0p = gh0.data_ptr<float>();
+  with_lanes(N, [&](auto nv) {
+    for_row_pieces(rows, pieces, [&](int64_t p, int64_t r0, int64_t r1) {
+      std::vector<float> hs((chunk + 1) * N), dAs(chunk * N);
+      float* gB_piece = gBp.data_ptr<float>() + p * Bn * L * N;
+      float* gC_piece = gCp.data_ptr<float>() + p * Bn * L * N;
+      float* gA_piece = gAp.data_ptr<float>() + p * D * N;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / D, d = r % D, o = b * L * D + d;
+        backward_row<decltype(nv)::value>(U.at(b, 0, d), U.st, dtp + o, D, GY.at(b, 0, d), GY.st, Ap + d * N,
+                                          Bp + b * L * N, Cp + b * L * N, glp ? glp + r * N : nullptr, sp + r * N,
+                                          rows * N, L, chunk, hs.data(), dAs.data(), sGBp + o, gdtAp + o,
+                                          gA_piece + d * N, gB_piece + b * L * N, gC_piece + b * L * N, gh0p + r * N);
+      }
+    });
+  });
+  // after: gu = sGB dt + gy D; gdelta = (gdtA + sGB u) softplus'(pre); gbias = sum gdelta
+  at::Tensor gu = at::empty({Bn, L, D}, opts), gdelta = at::empty({Bn, L, D}, opts);
+  at::Tensor gbias = has_bias ? at::empty({D}, opts) : at::empty({0}, opts);
+  float *gup = gu.data_ptr<float>(), *gdp = gdelta.data_ptr<float>(), *gbp = has_bias ? gbias.data_ptr<float>() : nullptr;
+  for_channel_blocks(D, [&](int64_t c, const Lanes& ln) {
+    const __m256 d8 = Dp ? ln.load(Dp + c) : _mm256_setzero_ps();
+    __m256 gb = _mm256_setzero_ps();
+    for (int64_t b = 0; b < Bn; ++b)
+      for (int64_t t = 0; t < L; ++t) {
+        const int64_t o = (b * L + t) * D + c;
+        const __m256 sgb = ln.load(sGBp + o), dtv = ln.load(dtp + o);
+        __m256 gu8 = _mm256_mul_ps(sgb, dtv);
+        if (Dp) gu8 = _mm256_fmadd_ps(ln.load(GY.at(b, t, c)), d8, gu8);
+        ln.store(gup + o, gu8);
+        __m256 gdt = _mm256_fmadd_ps(sgb, ln.load(U.at(b, t, c)), ln.load(gdtAp + o));
+        if (softplus) gdt = _mm256_mul_ps(gdt, _mm256_sub_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), dtv))));
+        ln.store(gdp + o, gdt);
+        gb = _mm256_add_ps(gb, gdt);
+      }
+    if (gbp) ln.store(gbp + c, gb);
+  });
+  return {gu, gdelta, gAp.sum(0), gBp.sum(0), gCp.sum(0), gD, gz, gbias, gh0};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(mom_infer, m) {
@@ -386,6 +578,10 @@ TORCH_LIBRARY_FRAGMENT(mom_infer, m) {
   m.def("selective_scan_cpu_bwd(Tensor u, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor states, Tensor gy, "
         "Tensor? glast, int chunk) -> Tensor[]");
   m.def("causal_conv1d_cpu_fwd(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("selective_scan_cpu_tm_fwd(Tensor u, Tensor delta, Tensor? delta_bias, Tensor A, Tensor B, Tensor C, "
+        "Tensor? D, Tensor? z, Tensor? h0, bool softplus, int chunk, bool keep_states) -> Tensor[]");
+  m.def("selective_scan_cpu_tm_bwd(Tensor u, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+        "Tensor? y_pre, Tensor states, Tensor gout, Tensor? glast, bool softplus, bool has_bias, int chunk) -> Tensor[]");
   m.def("causal_conv1d_cpu_bwd(Tensor x, Tensor w, Tensor? bias, Tensor gout) -> Tensor[]");
 }
 
@@ -393,5 +589,7 @@ TORCH_LIBRARY_IMPL(mom_infer, CPU, m) {
   m.impl("selective_scan_cpu_fwd", &selective_scan_cpu_fwd);
   m.impl("selective_scan_cpu_bwd", &selective_scan_cpu_bwd);
   m.impl("causal_conv1d_cpu_fwd", &causal_conv1d_cpu_fwd);
+  m.impl("selective_scan_cpu_tm_fwd", &selective_scan_cpu_tm_fwd);
+  m.impl("selective_scan_cpu_tm_bwd", &selective_scan_cpu_tm_bwd);
   m.impl("causal_conv1d_cpu_bwd", &causal_conv1d_cpu_bwd);
 }
