@@ -7,8 +7,8 @@ C. `tiny` (all mixtures on) vs a dense Jamba-shaped model of the same total para
 D. an attention block routed by Mixture of Depths at 12.5% capacity vs the same block dense, sequence 512.
 E. `make train`'s training step (experiment=tiny as composed from conf/, AdamW included): the selective scan's
    C++ loops (mom/infer/csrc/scan.cpp) vs its torch ops, and the Mamba mixer's time-major CPU form (the conv in
-   C++ on in_proj's rows, the scan reading them as they are) vs its channel-major form (F.conv1d, transposing
-   copies around the scan).
+   C++ on in_proj's rows, the scan reading them as they are, then with its elementwise epilogues fused) vs its
+   channel-major form (F.conv1d, transposing copies around the scan).
 
     .venv/bin/python scripts/bench_model.py [--skip-hf-jamba] [--repeats 5] [--sections abcde]
 """
@@ -181,26 +181,31 @@ def section_e(repeats: int):
     model, B, T = lit.model, cfg.data.batch_size, cfg.data.seq_len
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = torch.randint(0, cfg.model.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
-    cpp, conv = scan._cpu_scan_ops, mamba._cpu_conv
+    cpp, conv, fused = scan._cpu_scan_ops, mamba._cpu_conv, scan._channels_last
+    off = lambda *a: None  # noqa: E731
 
-    def step(use_cpp, time_major):
+    def step(use_cpp, time_major, fuse):
         def run():
-            scan._cpu_scan_ops = cpp if use_cpp else (lambda *a: None)
-            mamba._cpu_conv = conv if time_major else (lambda *a: None)
+            scan._cpu_scan_ops = cpp if use_cpp else off
+            mamba._cpu_conv = conv if time_major else off
+            scan._channels_last = fused if fuse else (lambda *a: False)
             try:
                 model(input_ids=x, labels=x).loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             finally:
-                scan._cpu_scan_ops, mamba._cpu_conv = cpp, conv
+                scan._cpu_scan_ops, mamba._cpu_conv, scan._channels_last = cpp, conv, fused
         return run
 
-    arms = {"torch": step(False, False), "cpp": step(True, False), "time_major": step(True, True)}
+    arms = {"torch": step(False, False, False), "cpp": step(True, False, False),
+            "time_major": step(True, True, False), "fused": step(True, True, True)}
     t = interleaved(arms, max(repeats, 8), warmup=2)
     print(f"\n### E. experiment=tiny training step ({B} x {T} tokens, vocabulary {cfg.model.vocab_size}, AdamW)\n")
-    print("| Mamba mixer on the CPU | step (s) | tokens/s | vs torch ops | vs channel-major |\n|---|---|---|---|---|")
-    for name, key in (("scan in torch ops, channel-major", "torch"), ("scan in C++, channel-major", "cpp"),
-                      ("scan in C++, time-major with the C++ conv", "time_major")):
+    print("| Mamba mixer on the CPU | step (s) | tokens/s | vs torch ops | vs channel-major C++ |\n|---|---|---|---|---|")
+    for name, key in (("scan in torch ops, channel-major (F.conv1d, transposing copies)", "torch"),
+                      ("scan in C++ loops, channel-major", "cpp"),
+                      ("time-major: C++ conv, the scan reading in_proj's rows as they are", "time_major"),
+                      ("time-major, softplus / D / z gate in the scan's own passes (the default)", "fused")):
         print(f"| {name} | {t[key]:.3f} | {B * T / t[key]:,.0f} | {t['torch'] / t[key]:.2f}x | "
               f"{t['cpp'] / t[key]:.2f}x |")
 

@@ -336,7 +336,6 @@ class _SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus, chunk, parallel, native):
         with _no_autocast(u.device.type):
-            _, dt = _dt(delta, delta_bias, delta_softplus)
             h = initial_state.to(_acc(initial_state)) if initial_state is not None else None
             keep = any(ctx.needs_input_grad)
             ctx.time_major = native and _channels_last(u, delta, z)
@@ -354,6 +353,7 @@ class _SelectiveScanFn(torch.autograd.Function):
                 ctx.delta_softplus, ctx.chunk, ctx.delta_dtype = delta_softplus, chunk, delta.dtype
                 ctx.set_materialize_grads(False)
                 return out.transpose(1, 2).to(u.dtype), (last[..., :n] if n8 != n else last)
+            _, dt = _dt(delta, delta_bias, delta_softplus)
             if native:  # the same recurrence in C++ (csrc/scan.cpp); B and C time-major per sequence
                 n, n8 = A.shape[1], -(-A.shape[1] // 8) * 8
                 uf = _dense(u)
