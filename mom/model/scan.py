@@ -411,7 +411,7 @@ class _SelectiveScanFn(torch.autograd.Function):
                     ud = _dense(uf)
                     sGB, gdtA, gAf, gBf, gCf, carry = torch.ops.mom_infer.selective_scan_cpu_bwd(
                         ud, _like(dt, ud), _lanes(A, n8), _lanes(B.transpose(1, 2), n8),
-                        _lanes(C.transpose(1, 2), n8), st, _like(gy, ud), _lanes(glast, n8), ctx.chunk)
+                        _lanes(C.transpose(1, 2), n8), st, gy, _lanes(glast, n8), ctx.chunk)
                     gAf, carry = gAf[:, :n], carry[..., :n]
                     gBf, gCf = gBf[..., :n].transpose(1, 2), gCf[..., :n].transpose(1, 2)  # (b, n, l)
                 else:

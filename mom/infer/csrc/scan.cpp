@@ -6,9 +6,9 @@
 // recomputes a chunk's states from it and runs the adjoint recurrence G_t = C_t gy_t + exp(dt_{t+1} A) G_{t+1}
 // in reverse time.
 //
-// Layouts: u, dt (b, d, l) with any strides as long as both (and the backward's gy) share them: Mamba's
-// time-major activations come in as (b, d, l) views of (b, l, d) memory and y, sGB, gdtA are written in that
-// same layout, so no transposing copies; A (d, n); B, C time-major per sequence (b, l, n); states
+// Layouts: u, dt, gy (b, d, l) with any strides (the ops below ask u and dt to share theirs): Mamba's
+// time-major activations come in as (b, d, l) views of (b, l, d) memory and y, sGB, gdtA are written in dt's
+// layout, so no transposing copies; A (d, n); B, C time-major per sequence (b, l, n); states
 // (chunks, b, d, n). The state size n is a multiple of 8 up to 64 (mom.model.scan pads others with zero
 // lanes): the state of a row stays in registers.
 //
@@ -149,17 +149,16 @@ void check_inputs(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& A
               "selective_scan_cpu: expected u, dt (b, d, l), A (d, n), B, C (b, l, n)");
 }
 
-// Forward. Returns y = <h_t, C_t> (b, d, l), the last state (b, d, n) and, when keep_states, the state before
-// each chunk of `chunk` steps (chunks, b, d, n) for the backward (empty otherwise).
-std::vector<at::Tensor> selective_scan_cpu_fwd(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& A,
-                                               const at::Tensor& Bm, const at::Tensor& Cm,
-                                               const std::optional<at::Tensor>& h0, int64_t chunk, bool keep_states) {
-  check_inputs(u, dt, A, Bm, Cm);
+// The forward recurrence over every (sequence, channel) row of u, dt: (b, d, l) tensors with any strides (each
+// its own). Returns y = <h_t, C_t> in dt's layout, the last state (b, d, n) and, when keep_states, the state
+// before each chunk of `chunk` steps (chunks, b, d, n).
+std::vector<at::Tensor> scan_rows(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& Bm,
+                                  const at::Tensor& Cm, const std::optional<at::Tensor>& h0, int64_t chunk,
+                                  bool keep_states) {
   TORCH_CHECK(chunk >= 1, "selective_scan_cpu: chunk >= 1");
   const int64_t Bn = u.size(0), D = u.size(1), L = u.size(2), N = A.size(1), rows = Bn * D;
   const int64_t chunks = (L + chunk - 1) / chunk;
-  at::Tensor y = at::empty_strided(u.sizes(), u.strides(), u.options());  // u's layout
-  const int64_t sb = u.stride(0), sd = u.stride(1), ts = u.stride(2);
+  at::Tensor y = at::empty_strided(dt.sizes(), dt.strides(), dt.options());
   at::Tensor last = at::empty({Bn, D, N}, u.options());
   at::Tensor states = keep_states ? at::empty({chunks, Bn, D, N}, u.options()) : at::empty({0}, u.options());
   const float* h0p = h0.has_value() ? h0->data_ptr<float>() : nullptr;
@@ -170,38 +169,29 @@ std::vector<at::Tensor> selective_scan_cpu_fwd(const at::Tensor& u, const at::Te
     for_row_pieces(rows, pieces_for(rows), [&](int64_t, int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / D, d = r % D;
-        const int64_t o = b * sb + d * sd;
-        forward_row<decltype(nv)::value>(up + o, ts, dtp + o, ts, Ap + d * N, Bp + b * L * N, Cp + b * L * N,
-                                         h0p ? h0p + r * N : nullptr, L, chunk, yp + o, ts, lastp + r * N,
-                                         sp ? sp + r * N : nullptr, rows * N);
+        const int64_t ou = b * u.stride(0) + d * u.stride(1), od = b * dt.stride(0) + d * dt.stride(1);
+        forward_row<decltype(nv)::value>(up + ou, u.stride(2), dtp + od, dt.stride(2), Ap + d * N, Bp + b * L * N,
+                                         Cp + b * L * N, h0p ? h0p + r * N : nullptr, L, chunk, yp + od,
+                                         dt.stride(2), lastp + r * N, sp ? sp + r * N : nullptr, rows * N);
       }
     });
   });
   return {y, last, states};
 }
 
-// Backward of y = <h_t, C_t> (gy: (b, d, l)) and of the last state (glast, optional), from the forward's
-// chunk states. Returns
-//   sGB  (b, d, l) = sum_n G_t B_t            (grad wrt dt u, before the product rule)
-//   gdtA (b, d, l) = sum_n G_t dA_t h_{t-1} A (grad wrt dt through exp(dt A))
-//   gA   (d, n)    = sum_{b,t} G_t dA_t h_{t-1} dt_t
-//   gB   (b, l, n) = sum_d G_t dt_t u_t,   gC (b, l, n) = sum_d h_t gy_t
-//   gh0  (b, d, n) = dA_0 G_0               (grad wrt the initial state)
-std::vector<at::Tensor> selective_scan_cpu_bwd(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& A,
-                                               const at::Tensor& Bm, const at::Tensor& Cm, const at::Tensor& states,
-                                               const at::Tensor& gy_, const std::optional<at::Tensor>& glast,
-                                               int64_t chunk) {
-  check_inputs(u, dt, A, Bm, Cm);
-  const at::Tensor gy = gy_.strides() == u.strides() ? gy_ : at::empty_strided(u.sizes(), u.strides(), u.options()).copy_(gy_);
-  TORCH_CHECK(gy.scalar_type() == at::kFloat && gy.sizes() == u.sizes(), "selective_scan_cpu: gy like u");
+// The adjoint recurrence over every row, u, dt, gy (b, d, l) with any strides. Returns sGB, gdtA (in dt's
+// layout), gA, gB, gC, gh0 (see selective_scan_cpu_bwd).
+std::vector<at::Tensor> adjoint_rows(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& gy, const at::Tensor& A,
+                                     const at::Tensor& Bm, const at::Tensor& Cm, const at::Tensor& states,
+                                     const std::optional<at::Tensor>& glast, int64_t chunk) {
   const int64_t Bn = u.size(0), D = u.size(1), L = u.size(2), N = A.size(1), rows = Bn * D;
   const int64_t chunks = (L + chunk - 1) / chunk;
+  TORCH_CHECK(gy.scalar_type() == at::kFloat && gy.sizes() == u.sizes(), "selective_scan_cpu: gy like u");
   TORCH_CHECK(states.is_contiguous() && states.dim() == 4 && states.size(0) == chunks,
               "selective_scan_cpu: states from the forward with the same chunk expected");
   const int64_t pieces = pieces_for(rows);
-  at::Tensor sGB = at::empty_strided(u.sizes(), u.strides(), u.options());  // u's layout
-  at::Tensor gdtA = at::empty_strided(u.sizes(), u.strides(), u.options());
-  const int64_t sb = u.stride(0), sd = u.stride(1), ts = u.stride(2);
+  at::Tensor sGB = at::empty_strided(dt.sizes(), dt.strides(), dt.options());
+  at::Tensor gdtA = at::empty_strided(dt.sizes(), dt.strides(), dt.options());
   at::Tensor gh0 = at::empty({Bn, D, N}, u.options());
   // sums over channels (gB, gC) and sequences (gA): one partial a piece, added up after
   at::Tensor gBp = at::zeros({pieces, Bn, L, N}, u.options()), gCp = at::zeros({pieces, Bn, L, N}, u.options());
@@ -219,17 +209,42 @@ std::vector<at::Tensor> selective_scan_cpu_bwd(const at::Tensor& u, const at::Te
       float* gA_piece = gAp.data_ptr<float>() + p * D * N;
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / D, d = r % D;
-        const int64_t o = b * sb + d * sd;
-        backward_row<decltype(nv)::value>(up + o, ts, dtp + o, ts, gyp + o, ts, Ap + d * N, Bp + b * L * N,
-                                          Cp + b * L * N, glp ? glp + r * N : nullptr, sp + r * N, rows * N, L, chunk,
-                                          hs.data(), dAs.data(), sGBp + o, gdtAp + o, gA_piece + d * N,
-                                          gB_piece + b * L * N, gC_piece + b * L * N, gh0p + r * N);
+        const int64_t ou = b * u.stride(0) + d * u.stride(1), od = b * dt.stride(0) + d * dt.stride(1),
+                      og = b * gy.stride(0) + d * gy.stride(1);
+        backward_row<decltype(nv)::value>(up + ou, u.stride(2), dtp + od, dt.stride(2), gyp + og, gy.stride(2),
+                                          Ap + d * N, Bp + b * L * N, Cp + b * L * N, glp ? glp + r * N : nullptr,
+                                          sp + r * N, rows * N, L, chunk, hs.data(), dAs.data(), sGBp + od,
+                                          gdtAp + od, gA_piece + d * N, gB_piece + b * L * N,
+                                          gC_piece + b * L * N, gh0p + r * N);
       }
     });
   });
   return {sGB, gdtA, gAp.sum(0), gBp.sum(0), gCp.sum(0), gh0};
 }
 
+// Forward. Returns y = <h_t, C_t> (b, d, l, in u's layout), the last state (b, d, n) and, when keep_states, the
+// state before each chunk of `chunk` steps (chunks, b, d, n) for the backward (empty otherwise).
+std::vector<at::Tensor> selective_scan_cpu_fwd(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& A,
+                                               const at::Tensor& Bm, const at::Tensor& Cm,
+                                               const std::optional<at::Tensor>& h0, int64_t chunk, bool keep_states) {
+  check_inputs(u, dt, A, Bm, Cm);
+  return scan_rows(u, dt, A, Bm, Cm, h0, chunk, keep_states);
+}
+
+// Backward of y = <h_t, C_t> (gy: (b, d, l)) and of the last state (glast, optional), from the forward's
+// chunk states. Returns
+//   sGB  (b, d, l) = sum_n G_t B_t            (grad wrt dt u, before the product rule)
+//   gdtA (b, d, l) = sum_n G_t dA_t h_{t-1} A (grad wrt dt through exp(dt A))
+//   gA   (d, n)    = sum_{b,t} G_t dA_t h_{t-1} dt_t
+//   gB   (b, l, n) = sum_d G_t dt_t u_t,   gC (b, l, n) = sum_d h_t gy_t
+//   gh0  (b, d, n) = dA_0 G_0               (grad wrt the initial state)
+std::vector<at::Tensor> selective_scan_cpu_bwd(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& A,
+                                               const at::Tensor& Bm, const at::Tensor& Cm, const at::Tensor& states,
+                                               const at::Tensor& gy, const std::optional<at::Tensor>& glast,
+                                               int64_t chunk) {
+  check_inputs(u, dt, A, Bm, Cm);
+  return adjoint_rows(u, dt, gy, A, Bm, Cm, states, glast, chunk);
+}
 
 // ------------------------------------------------------------------------ causal depthwise conv + SiLU
 // out[b, t, c] = silu(bias[c] + sum_k w[c, k] x[b, t - (K - 1) + k, c]), x = 0 before t = 0: F.conv1d with
@@ -413,19 +428,16 @@ std::vector<at::Tensor> selective_scan_cpu_tm_fwd(const at::Tensor& u, const at:
                                                   const std::optional<at::Tensor>& h0, bool softplus, int64_t chunk,
                                                   bool keep_states) {
   const TimeMajor U = tm_of(u), DL = tm_of(delta);
-  const int64_t Bn = u.size(0), L = u.size(1), D = u.size(2), N = A.size(1), rows = Bn * D;
+  const int64_t Bn = u.size(0), L = u.size(1), D = u.size(2), N = A.size(1);
   TORCH_CHECK(delta.sizes() == u.sizes() && (!z || z->sizes() == u.sizes()), "selective_scan_cpu_tm: delta, z like u");
   TORCH_CHECK(A.is_contiguous() && Bm.is_contiguous() && Cm.is_contiguous() && A.size(0) == D && Bm.size(0) == Bn &&
                   Bm.size(1) == L && Bm.size(2) == N && Cm.sizes() == Bm.sizes() && N % 8 == 0 && N <= 64,
               "selective_scan_cpu_tm: A (d, n), B, C (b, l, n) contiguous, n a multiple of 8 up to 64");
-  TORCH_CHECK(chunk >= 1, "selective_scan_cpu_tm: chunk >= 1");
   for (const auto* t : {&delta_bias, &Dv})
     if (t->has_value()) TORCH_CHECK((*t)->is_contiguous() && (*t)->numel() == D, "selective_scan_cpu_tm: (d,) vectors");
+  TORCH_CHECK(!h0 || (h0->is_contiguous() && h0->numel() == Bn * D * N), "selective_scan_cpu_tm: h0 (b, d, n)");
   const auto opts = u.options();
-  at::Tensor dt = at::empty({Bn, L, D}, opts), y = at::empty({Bn, L, D}, opts);
-  at::Tensor last = at::empty({Bn, D, N}, opts);
-  const int64_t chunks = (L + chunk - 1) / chunk;
-  at::Tensor states = keep_states ? at::empty({chunks, Bn, D, N}, opts) : at::empty({0}, opts);
+  at::Tensor dt = at::empty({Bn, L, D}, opts);
   const float* bias = delta_bias ? delta_bias->data_ptr<float>() : nullptr;
   float* dtp = dt.data_ptr<float>();
   for_channel_blocks(D, [&](int64_t c, const Lanes& ln) {  // dt = softplus(delta + bias)
@@ -436,21 +448,10 @@ std::vector<at::Tensor> selective_scan_cpu_tm_fwd(const at::Tensor& u, const at:
         ln.store(dtp + (b * L + t) * D + c, softplus ? softplus8(p) : p);
       }
   });
-  const float *Ap = A.data_ptr<float>(), *Bp = Bm.data_ptr<float>(), *Cp = Cm.data_ptr<float>();
-  const float* h0p = h0 ? h0->data_ptr<float>() : nullptr;
-  float *yp = y.data_ptr<float>(), *lastp = last.data_ptr<float>(), *sp = keep_states ? states.data_ptr<float>() : nullptr;
-  TORCH_CHECK(!h0 || (h0->is_contiguous() && h0->numel() == rows * N), "selective_scan_cpu_tm: h0 (b, d, n)");
-  with_lanes(N, [&](auto nv) {
-    for_row_pieces(rows, pieces_for(rows), [&](int64_t, int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t b = r / D, d = r % D;
-        // u may have its own row stride (a view of in_proj's rows): read it at U's strides, dt and y at D
-        forward_row<decltype(nv)::value>(U.at(b, 0, d), U.st, dtp + b * L * D + d, D, Ap + d * N, Bp + b * L * N,
-                                         Cp + b * L * N, h0p ? h0p + r * N : nullptr, L, chunk, yp + b * L * D + d, D,
-                                         lastp + r * N, sp ? sp + r * N : nullptr, rows * N);
-      }
-    });
-  });
+  // the recurrence on (b, d, l) views: y comes back in dt's (b, l, d) memory
+  auto rec = scan_rows(u.transpose(1, 2), dt.transpose(1, 2), A, Bm, Cm, h0, chunk, keep_states);
+  const at::Tensor y = rec[0].transpose(1, 2), last = rec[1], states = rec[2];
+  float* yp = y.data_ptr<float>();
   at::Tensor y_pre = z ? at::empty({Bn, L, D}, opts) : at::empty({0}, opts);
   at::Tensor out = z ? at::empty({Bn, L, D}, opts) : y;
   const float* Dp = Dv ? Dv->data_ptr<float>() : nullptr;
@@ -486,12 +487,9 @@ std::vector<at::Tensor> selective_scan_cpu_tm_bwd(const at::Tensor& u, const at:
   const TimeMajor U = tm_of(u);
   const at::Tensor gout = gout_.stride(2) == 1 ? gout_ : gout_.contiguous();
   const TimeMajor G = tm_of(gout);
-  const int64_t Bn = u.size(0), L = u.size(1), D = u.size(2), N = A.size(1), rows = Bn * D;
+  const int64_t Bn = u.size(0), L = u.size(1), D = u.size(2);
   TORCH_CHECK(dt.is_contiguous() && dt.sizes() == u.sizes() && gout.sizes() == u.sizes() && (!z || y_pre),
               "selective_scan_cpu_tm: dt (b, l, d) from the forward, gout like u, y_pre with z");
-  const int64_t chunks = (L + chunk - 1) / chunk;
-  TORCH_CHECK(states.is_contiguous() && states.dim() == 4 && states.size(0) == chunks,
-              "selective_scan_cpu_tm: states from the forward with the same chunk expected");
   const auto opts = u.options();
   const float* Dp = Dv ? Dv->data_ptr<float>() : nullptr;
   const TimeMajor Z = z ? tm_of(*z) : TimeMajor{nullptr, 0, 0};
@@ -522,30 +520,9 @@ std::vector<at::Tensor> selective_scan_cpu_tm_bwd(const at::Tensor& u, const at:
         }
       if (Dp) ln.store(gDp + c, gd);
     });
-  // the adjoint recurrence: sGB = sum_n G B, gdtA = sum_n G dA h A, and gA, gB, gC, gh0
-  const int64_t pieces = pieces_for(rows);
-  at::Tensor sGB = at::empty({Bn, L, D}, opts), gdtA = at::empty({Bn, L, D}, opts), gh0 = at::empty({Bn, D, N}, opts);
-  at::Tensor gBp = at::zeros({pieces, Bn, L, N}, opts), gCp = at::zeros({pieces, Bn, L, N}, opts);
-  at::Tensor gAp = at::zeros({pieces, D, N}, opts);
-  const float* glp = glast ? glast->data_ptr<float>() : nullptr;
-  const float *dtp = dt.data_ptr<float>(), *Ap = A.data_ptr<float>(), *Bp = Bm.data_ptr<float>(),
-              *Cp = Cm.data_ptr<float>(), *sp = states.data_ptr<float>();
-  float *sGBp = sGB.data_ptr<float>(), *gdtAp = gdtA.data_ptr<float>(), *gh0p = gh0.data_ptr<float>();
-  with_lanes(N, [&](auto nv) {
-    for_row_pieces(rows, pieces, [&](int64_t p, int64_t r0, int64_t r1) {
-      std::vector<float> hs((chunk + 1) * N), dAs(chunk * N);
-      float* gB_piece = gBp.data_ptr<float>() + p * Bn * L * N;
-      float* gC_piece = gCp.data_ptr<float>() + p * Bn * L * N;
-      float* gA_piece = gAp.data_ptr<float>() + p * D * N;
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t b = r / D, d = r % D, o = b * L * D + d;
-        backward_row<decltype(nv)::value>(U.at(b, 0, d), U.st, dtp + o, D, GY.at(b, 0, d), GY.st, Ap + d * N,
-                                          Bp + b * L * N, Cp + b * L * N, glp ? glp + r * N : nullptr, sp + r * N,
-                                          rows * N, L, chunk, hs.data(), dAs.data(), sGBp + o, gdtAp + o,
-                                          gA_piece + d * N, gB_piece + b * L * N, gC_piece + b * L * N, gh0p + r * N);
-      }
-    });
-  });
+  // the adjoint recurrence on (b, d, l) views: sGB, gdtA come back in dt's (b, l, d) memory
+  auto adj = adjoint_rows(u.transpose(1, 2), dt.transpose(1, 2), gy.transpose(1, 2), A, Bm, Cm, states, glast, chunk);
+  const float *sGBp = adj[0].data_ptr<float>(), *gdtAp = adj[1].data_ptr<float>(), *dtp = dt.data_ptr<float>();
   // after: gu = sGB dt + gy D; gdelta = (gdtA + sGB u) softplus'(pre); gbias = sum gdelta
   at::Tensor gu = at::empty({Bn, L, D}, opts), gdelta = at::empty({Bn, L, D}, opts);
   at::Tensor gbias = has_bias ? at::empty({D}, opts) : at::empty({0}, opts);
@@ -567,7 +544,7 @@ std::vector<at::Tensor> selective_scan_cpu_tm_bwd(const at::Tensor& u, const at:
       }
     if (gbp) ln.store(gbp + c, gb);
   });
-  return {gu, gdelta, gAp.sum(0), gBp.sum(0), gCp.sum(0), gD, gz, gbias, gh0};
+  return {gu, gdelta, adj[2], adj[3], adj[4], gD, gz, gbias, adj[5]};
 }
 
 }  // namespace
