@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mom.cli import one_line_errors  # noqa: E402
 from mom.eval import evaluate  # noqa: E402
 
 PARTS = ("block", "mixer", "ffn")
@@ -80,4 +81,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with one_line_errors():  # a missing run folder or model: one line, not a stack trace
+        sys.exit(main())

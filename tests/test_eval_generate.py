@@ -128,6 +128,12 @@ def test_block_ablation_removes_exactly_one_part(run, capsys):
     full_bpb, block_bpb = float(rows[1].split("|")[3]), float(rows[2].split("|")[3])
     assert math.isfinite(full_bpb) and block_bpb != full_bpb
     assert abs(float(rows[2].split("|")[4]) - (block_bpb - full_bpb)) <= 1.5e-4  # both columns rounded
+    with pytest.raises(SystemExit):  # argparse's one line for a part that does not exist
+        block_ablation.main([str(run), "--parts", "router"])
+    from mom.eval import EvalError
+
+    with pytest.raises(EvalError, match="run_dir not found"):  # one line through mom.cli.one_line_errors when run as a script
+        block_ablation.main([str(run.parent / "no_such_run")])
 
 
 @pytest.mark.slow
